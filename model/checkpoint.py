@@ -1,0 +1,199 @@
+"""LiFT checkpoints: ours (safetensors + JSON sidecar) and the authors' plain ``.pth`` state dicts.
+
+Our format is two files side by side::
+
+    lift.safetensors   the LiFT state dict
+    lift.json          CheckpointMeta: backbone spec, channels, patch, mean/std, training facts,
+                       and the sha256 of the .safetensors file
+
+The sidecar carries everything needed to rebuild the backbone the weights belong to (timm name,
+weights source, seed if random, block, facet), so export never re-guesses it.
+
+The authors' checkpoints are plain state dicts of their ``LiFT`` module, sometimes saved from
+``DataParallel`` with a ``module.`` prefix; they say nothing about the backbone, which the user
+therefore names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.lift import LiFT
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit; the message names expected vs found."""
+
+    user_facing = True
+
+
+@dataclasses.dataclass
+class CheckpointMeta:
+    backbone: dict[str, Any]
+    channels: int
+    patch_size: int
+    mean: list[float]
+    std: list[float]
+    image_size: int | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    loss: str | None = None
+    sha256: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = required - set(data)
+        if missing:
+            raise CheckpointError(f"checkpoint sidecar lacks fields {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar_path(weights_path: Path) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the ``module.`` prefix that DataParallel/DDP adds to every key."""
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly; on any mismatch raise naming each key with expected vs found.
+
+    ``num_batches_tracked`` buffers may be absent (older exports drop them); everything else must match.
+    """
+    expected = module.state_dict()
+    problems = []
+    for key, tensor in expected.items():
+        if key not in state:
+            if not key.endswith("num_batches_tracked"):
+                problems.append(f"missing key {key} (expected shape {tuple(tensor.shape)})")
+        elif tuple(state[key].shape) != tuple(tensor.shape):
+            problems.append(
+                f"{key}: expected shape {tuple(tensor.shape)}, found {tuple(state[key].shape)}"
+            )
+    problems += [f"unexpected key {key} (shape {tuple(state[key].shape)})" for key in state if key not in expected]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise CheckpointError(
+            f"{source} does not fit LiFT({module.in_channels}, {module.patch_size}): {shown}. "
+            "Check that the checkpoint was trained for this backbone (channels and patch size)."
+        )
+    module.load_state_dict(state, strict=False)
+
+
+def save_lift_checkpoint(path: str | Path, lift: LiFT, meta: CheckpointMeta) -> Path:
+    """Write ``path`` (.safetensors) and its .json sidecar; returns the weights path.
+
+    Files are written to temporary names and renamed, so an interrupted save never leaves a
+    half-written checkpoint under the final name.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in strip_module_prefix(lift.state_dict()).items()}
+    save_file(state, str(tmp))
+    meta = dataclasses.replace(meta, sha256=sha256_file(tmp), channels=lift.in_channels,
+                               patch_size=lift.patch_size)
+    side_tmp = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
+    side_tmp.write_text(json.dumps(meta.to_dict(), indent=2))
+    tmp.replace(path)
+    side_tmp.replace(sidecar_path(path))
+    return path
+
+
+def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(
+            f"checkpoint sidecar {side} is missing; our checkpoints are a .safetensors file plus a .json "
+            "file of the same name. For the authors' .pth checkpoints pass the .pth file and name the backbone."
+        )
+    try:
+        data = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON: {exc}") from None
+    return CheckpointMeta.from_dict(data)
+
+
+def load_lift_checkpoint(
+    path: str | Path, channels: int | None = None, patch_size: int | None = None
+) -> tuple[LiFT, CheckpointMeta | None]:
+    """Load a LiFT module from our checkpoint or the authors' ``.pth``.
+
+    Args:
+        path: ``*.safetensors`` (ours, needs the sidecar) or ``*.pth``/``*.pt`` (authors' state dict).
+        channels, patch_size: what the backbone produces. Required for ``.pth``; for ours, when
+            given, they are checked against the sidecar.
+
+    Returns:
+        (lift in eval mode, meta or None for an authors' checkpoint).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"LiFT checkpoint {path} does not exist; train one with `lift train`, or download the "
+            "authors' .pth for your backbone, and pass its path"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        meta = read_checkpoint_meta(path)
+        actual = sha256_file(path)
+        if meta.sha256 and meta.sha256 != actual:
+            raise CheckpointError(
+                f"{path} has sha256 {actual[:12]}… but its sidecar records {meta.sha256[:12]}…: the "
+                "weights and sidecar do not belong together (partial copy?)"
+            )
+        for name, wanted, found in (("channels", channels, meta.channels), ("patch size", patch_size, meta.patch_size)):
+            if wanted is not None and wanted != found:
+                raise CheckpointError(f"checkpoint {path} is for {name} {found}, but the backbone has {wanted}")
+        lift = LiFT(meta.channels, meta.patch_size)
+        load_state_dict_checked(lift, strip_module_prefix(load_file(str(path))), str(path))
+        return lift.eval(), meta
+    if channels is None or patch_size is None:
+        raise CheckpointError(
+            f"{path} is an authors'-format state dict, which does not record its backbone; name the "
+            "backbone (e.g. --backbone vit_small_patch16_224.dino) so channels and patch size are known"
+        )
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path} as a PyTorch state dict: {exc}") from None
+    if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    lift = LiFT(channels, patch_size)
+    load_state_dict_checked(lift, strip_module_prefix(raw), str(path))
+    return lift.eval(), None

@@ -1,0 +1,50 @@
+"""Command-line options that describe a backbone and a LiFT checkpoint, shared by every command.
+
+Torch-free on purpose: ``lift --help`` builds every parser, also in the torch-free API image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                       help="timm model name, optionally with a pretrained tag (default: %(default)s)")
+    group.add_argument("--backbone-weights", default="hub", metavar="hub|random|PATH",
+                       help="'hub' = timm pretrained weights (needs the Hugging Face hub or its cache), "
+                            "'random' = untrained with --seed, or a local timm/DINO weights file "
+                            "(default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="seed for random weights (default: %(default)s)")
+    group.add_argument("--layer", type=int, default=-1,
+                       help="block whose features are used; negative counts from the end (default: last)")
+    group.add_argument("--facet", default="key", choices=("key", "query", "value", "token"),
+                       help="which features of that block (default: %(default)s, as the LiFT authors)")
+    group.add_argument("--backbone-kwargs", default="{}", metavar="JSON",
+                       help="extra timm.create_model arguments as JSON, e.g. '{\"depth\": 2}'")
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--checkpoint", required=required, default=None, metavar="PATH",
+                        help="LiFT weights: our .safetensors (its .json sidecar names the backbone) or the "
+                             "authors' .pth state dict (then --backbone names the backbone)")
+
+
+def backbone_spec_dict(args: argparse.Namespace) -> dict:
+    """The BackboneSpec fields named on the command line."""
+    try:
+        kwargs = json.loads(args.backbone_kwargs)
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"--backbone-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise OptionError("--backbone-kwargs must be a JSON object")
+    return {"name": args.backbone, "weights": args.backbone_weights, "seed": args.seed,
+            "layer": args.layer, "facet": args.facet, "model_kwargs": kwargs}
+
+
+class OptionError(ValueError):
+    user_facing = True
