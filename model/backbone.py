@@ -93,8 +93,7 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in obj.items():
         for prefix in ("module.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+            key = key.removeprefix(prefix)
         if key.startswith("head."):
             continue  # classifier or DINO projection head: not part of the feature extractor
         state[key] = value

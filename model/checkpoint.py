@@ -79,7 +79,7 @@ def sidecar_path(weights_path: Path) -> Path:
 
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove the ``module.`` prefix that DataParallel/DDP adds to every key."""
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {(k.removeprefix("module.")): v for k, v in state.items()}
 
 
 def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_spec_dict
+
 from model.backbone import BackboneError, BackboneSpec, ViTBackbone, build_vit
 
 
@@ -77,11 +77,22 @@ def test_missing_local_file_names_the_flag(tmp_path):
         build_vit(BackboneSpec.from_dict(tiny_spec_dict(weights=str(tmp_path / "nope.pth"))))
 
 
-def test_offline_hub_error_names_weights_and_flag(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(BackboneError, match=r"vit_tiny_patch16_224\.augreg_in21k.*--backbone-weights"):
-        build_vit(BackboneSpec.from_dict(tiny_spec_dict(name="vit_tiny_patch16_224.augreg_in21k", weights="hub")))
+def test_offline_hub_error_names_weights_and_flag(tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE when imported, so this runs in a fresh interpreter.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from model.backbone import BackboneSpec, build_vit\n"
+        f"spec = BackboneSpec.from_dict({tiny_spec_dict(name='vit_tiny_patch16_224.augreg_in21k', weights='hub')!r})\n"
+        "build_vit(spec)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "BackboneError" in result.stderr
+    assert "vit_tiny_patch16_224.augreg_in21k" in result.stderr and "--backbone-weights" in result.stderr
 
 
 def test_bad_facet_and_layer_are_refused():

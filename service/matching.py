@@ -1,0 +1,116 @@
+"""Dense descriptor matching in NumPy (no torch): mutual nearest neighbours and similarity maps.
+
+Shared by the HTTP service and by ``lift eval warp`` so both measure the same matcher.
+All feature maps are ``[C, H, W]`` arrays (channels first, one image); cells are addressed as
+``(row, col)`` on that feature grid. Converting cells to image pixels is the job of the geometry
+object that produced the model input (``service.geometry``), not of this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CellMatch:
+    """One mutual-nearest-neighbour match between feature cells.
+
+    Attributes:
+        row_a, col_a: cell in the first feature map.
+        row_b, col_b: cell in the second feature map.
+        score: cosine similarity of the two descriptors, in [-1, 1].
+    """
+
+    row_a: int
+    col_a: int
+    row_b: int
+    col_b: int
+    score: float
+
+
+def l2_normalize(features: np.ndarray, axis: int = 0, eps: float = 1e-12) -> np.ndarray:
+    """Unit-length descriptors along ``axis`` (float32)."""
+    features = np.asarray(features, dtype=np.float32)
+    norm = np.linalg.norm(features, axis=axis, keepdims=True)
+    return features / np.maximum(norm, eps)
+
+
+def flatten_descriptors(features: np.ndarray) -> np.ndarray:
+    """[C, H, W] -> [H*W, C] unit-length descriptors in row-major cell order."""
+    if features.ndim != 3:
+        raise ValueError(f"features must be [C,H,W], got shape {features.shape}")
+    c = features.shape[0]
+    return l2_normalize(features.reshape(c, -1).T, axis=1)
+
+
+def mutual_nearest_neighbors(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    max_matches: int | None = None,
+    min_score: float = -1.0,
+) -> list[CellMatch]:
+    """Mutual nearest neighbours on L2-normalised descriptors, best score first.
+
+    Args:
+        features_a: [C, Ha, Wa] descriptors of image A.
+        features_b: [C, Hb, Wb] descriptors of image B (same C).
+        max_matches: keep at most this many (None = all).
+        min_score: drop matches whose cosine similarity is below this.
+
+    Returns:
+        Matches sorted by descending score; ties keep row-major order of A.
+    """
+    if features_a.shape[0] != features_b.shape[0]:
+        raise ValueError(f"channel mismatch: {features_a.shape[0]} vs {features_b.shape[0]}")
+    wa = features_a.shape[2]
+    wb = features_b.shape[2]
+    a = flatten_descriptors(features_a)
+    b = flatten_descriptors(features_b)
+    sim = a @ b.T  # [Na, Nb] cosine similarities
+    best_b = sim.argmax(axis=1)
+    best_a = sim.argmax(axis=0)
+    idx_a = np.nonzero(best_a[best_b] == np.arange(len(a)))[0]
+    idx_b = best_b[idx_a]
+    scores = sim[idx_a, idx_b]
+    keep = scores >= min_score
+    idx_a, idx_b, scores = idx_a[keep], idx_b[keep], scores[keep]
+    order = np.argsort(-scores, kind="stable")
+    if max_matches is not None:
+        order = order[:max_matches]
+    return [
+        CellMatch(int(idx_a[i] // wa), int(idx_a[i] % wa), int(idx_b[i] // wb), int(idx_b[i] % wb), float(scores[i]))
+        for i in order
+    ]
+
+
+def similarity_map(query: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Cosine similarity of one descriptor to every cell.
+
+    Args:
+        query: [C] descriptor.
+        features: [C, H, W] descriptors.
+
+    Returns:
+        [H, W] float32 in [-1, 1].
+    """
+    q = l2_normalize(np.asarray(query, dtype=np.float32).reshape(-1), axis=0)
+    f = l2_normalize(features, axis=0)
+    return np.tensordot(q, f, axes=(0, 0)).astype(np.float32)
+
+
+def bilinear_descriptor(features: np.ndarray, row: float, col: float) -> np.ndarray:
+    """Descriptor at a fractional cell position (cell centres at integer coordinates), [C].
+
+    Used when a clicked point falls between cell centres; coordinates are clamped to the grid.
+    """
+    _, h, w = features.shape
+    row = float(np.clip(row, 0, h - 1))
+    col = float(np.clip(col, 0, w - 1))
+    r0, c0 = int(np.floor(row)), int(np.floor(col))
+    r1, c1 = min(r0 + 1, h - 1), min(c0 + 1, w - 1)
+    fr, fc = row - r0, col - c0
+    top = features[:, r0, c0] * (1 - fc) + features[:, r0, c1] * fc
+    bottom = features[:, r1, c0] * (1 - fc) + features[:, r1, c1] * fc
+    return (top * (1 - fr) + bottom * fr).astype(np.float32)
