@@ -1,0 +1,603 @@
+// The click-a-point page. Plain JavaScript, no build step, no network access beyond this server.
+//
+// Flow: an image chosen or dropped is sent ONCE to POST /v1/features (float16, body discarded) and
+// the returned X-Feature-Id is kept per LiFT iteration count; each click then sends only that id to
+// POST /v1/similarity (PNG colour map, overlay=false) so the server answers from its feature cache,
+// and the map is laid over the image in the browser, where the opacity slider acts instantly.
+// With a second image, a click on one image shows the map over the other (cross-image similarity).
+// The matches view draws POST /v1/match JSON on a canvas. Every API error shows its message.
+//
+// Coordinates: clicks are converted to the ORIGINAL image's pixels (x right, y down, origin at the
+// top-left corner), the frame the API expects; the browser shows images EXIF-oriented as the server
+// does, and the size used is the server's X-Image-Size when it sent one.
+//
+// For tests and the curious: <body data-state> is idle|busy, data-latency-ms holds the last
+// click -> map-on-screen time measured with performance.now(), data-maps counts maps drawn.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  models: null,
+  iterations: null, // null = the server's default
+  mode: "similarity",
+  images: { a: null, b: null }, // {file, url, width, height, ids: {iterations: featureId}}
+  inflight: false,
+  pending: null, // the latest point asked for while a request was in flight
+  lastClick: null, // {slot, x, y}
+  matches: null,
+  maps: 0,
+};
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    throw new ApiError(0, "connection_error", `cannot reach the server (${err.message})`);
+  }
+  if (response.ok) return response;
+  let code = `http_${response.status}`;
+  let message = response.statusText || "request failed";
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text);
+    if (body && body.error) {
+      code = body.error.code || code;
+      message = body.error.message || message;
+    } else if (body && body.detail) {
+      message = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    }
+  } catch (_) {
+    if (text) message = text.slice(0, 300);
+  }
+  throw new ApiError(response.status, code, message);
+}
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined) q.set(k, String(v));
+  return q.toString();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+function showError(err) {
+  const code = err && err.code ? ` (${err.status ? err.status + " " : ""}${err.code})` : "";
+  $("error-text").textContent = `${err && err.message ? err.message : String(err)}${code}`;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error-text").textContent = "";
+}
+
+function setStatus(text) {
+  $("status").textContent = text;
+}
+
+function setBusy(busy) {
+  document.body.dataset.state = busy ? "busy" : "idle";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model information and parameters
+
+function iterationChoices(models) {
+  // /v1/models lists the allowed parameters; accept the few shapes a parameter description can take.
+  const params = (models && models.parameters) || {};
+  const spec = params.iterations;
+  let values = null;
+  let def = null;
+  if (Array.isArray(spec)) values = spec;
+  else if (spec && typeof spec === "object") {
+    values = spec.allowed || spec.values || spec.choices || spec.enum || null;
+    def = spec.default ?? null;
+    if (!values && Number.isInteger(spec.min) && Number.isInteger(spec.max)) {
+      values = [];
+      for (let i = spec.min; i <= spec.max; i++) values.push(i);
+    }
+  }
+  const model = (models && models.model) || {};
+  if (!values && model.iterations) values = model.iterations;
+  if (!values && model.strides && typeof model.strides === "object") values = Object.keys(model.strides);
+  values = (values || []).map(Number).filter(Number.isFinite);
+  if (def === null) def = model.default_iterations ?? (values.length ? Math.max(...values) : null);
+  return { values, def };
+}
+
+function strideFor(models, k) {
+  const strides = models && models.model && models.model.strides;
+  if (!strides) return null;
+  if (Array.isArray(strides)) {
+    const hit = strides.find((s) => Number(s.iterations) === k);
+    return hit ? hit.stride : null;
+  }
+  return strides[k] ?? strides[String(k)] ?? null;
+}
+
+function describeModel(models) {
+  const m = models.model || {};
+  const backbone = m.backbone || {};
+  const name = typeof backbone === "string" ? backbone : backbone.name || backbone.timm_name || "ViT";
+  const parts = [name];
+  if (m.channels) parts.push(`${m.channels} channels`);
+  const sizes = m.sizes || (m.input && m.input.sizes);
+  if (Array.isArray(sizes) && sizes.length) parts.push(`inputs ${sizes.map((s) => s.join("×")).join(", ")}`);
+  const providers = m.providers || m.active_providers;
+  if (Array.isArray(providers) && providers.length) parts.push(`on ${providers.join(", ")}`);
+  return parts.join(" · ");
+}
+
+async function loadModels() {
+  try {
+    const models = await (await api("v1/models")).json();
+    state.models = models;
+    $("model-info").textContent = describeModel(models);
+    if (models.warning) {
+      $("demo-warning").textContent = models.warning;
+      $("demo-warning").hidden = false;
+    }
+    const { values, def } = iterationChoices(models);
+    const select = $("iterations");
+    select.innerHTML = "";
+    for (const k of values) {
+      const option = document.createElement("option");
+      option.value = String(k);
+      option.textContent = k === 0 ? "0 (backbone only)" : `${k} (${2 ** k}× denser)`;
+      select.appendChild(option);
+    }
+    select.disabled = values.length < 2;
+    if (def !== null && values.includes(def)) select.value = String(def);
+    state.iterations = values.length ? Number(select.value) : null;
+    showStride();
+  } catch (err) {
+    $("model-info").textContent = "model information unavailable";
+    showError(err);
+  }
+}
+
+function showStride() {
+  const stride = strideFor(state.models, state.iterations);
+  $("stride-info").textContent = stride ? `(one descriptor per ${stride} px of model input)` : "";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+
+function otherSlot(slot) {
+  return slot === "a" ? "b" : "a";
+}
+
+function loadLocalImage(url) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser cannot display this file"));
+    img.src = url;
+  });
+}
+
+async function setImage(slot, file) {
+  clearError();
+  const previous = state.images[slot];
+  if (previous) URL.revokeObjectURL(previous.url);
+  state.images[slot] = null;
+  clearMaps();
+  const stage = $(`stage-${slot}`);
+  stage.classList.add("empty");
+  $(`base-${slot}`).removeAttribute("src");
+  $(`caption-${slot}`).textContent = "";
+  if (!file) {
+    updateLayout();
+    return;
+  }
+  const url = URL.createObjectURL(file);
+  const image = { file, url, width: 0, height: 0, ids: {} };
+  state.images[slot] = image;
+  $(`caption-${slot}`).textContent = `${file.name || "image"}: sending…`;
+  setBusy(true);
+  try {
+    // The server is the judge of what is an image: send first, so its error message is the one shown.
+    await register(image);
+    if (state.images[slot] !== image) return; // replaced meanwhile
+    try {
+      const local = await loadLocalImage(url);
+      image.width = image.width || local.naturalWidth;
+      image.height = image.height || local.naturalHeight;
+    } catch (_) {
+      // The server decoded it but this browser cannot show it (e.g. TIFF): the maps still work
+      // over a blank stage of the right shape.
+    }
+    $(`base-${slot}`).src = url;
+    stage.classList.remove("empty");
+    $(`caption-${slot}`).textContent = `${file.name || "image"} · ${image.width}×${image.height} px`;
+    setStatus(slot === "a" ? "Click or drag on the image." : "Click either image: the map shows on the other.");
+  } catch (err) {
+    state.images[slot] = null;
+    URL.revokeObjectURL(url);
+    $(`caption-${slot}`).textContent = "";
+    showError(err);
+  } finally {
+    setBusy(false);
+    updateLayout();
+  }
+  if (state.mode === "matches") runMatches();
+}
+
+async function register(image) {
+  // Sends the image once; keeps the feature id for the current iteration count.
+  const body = new FormData();
+  body.append("image", image.file, image.file.name || "image");
+  const url = `v1/features?${query({ format: "npy", dtype: "float16", iterations: state.iterations })}`;
+  const response = await api(url, { method: "POST", body });
+  await response.arrayBuffer(); // only the headers matter here
+  const id = (response.headers.get("X-Feature-Id") || "").split(",")[0].trim();
+  if (!id) throw new ApiError(response.status, "no_feature_id", "the server sent no X-Feature-Id header");
+  const size = (response.headers.get("X-Image-Size") || "").split("x").map(Number);
+  if (size.length === 2 && size.every((v) => v > 0)) [image.width, image.height] = size;
+  image.ids[key()] = id;
+  return id;
+}
+
+function key() {
+  return state.iterations === null ? "default" : String(state.iterations);
+}
+
+async function featureId(image) {
+  return image.ids[key()] || register(image);
+}
+
+async function withFreshIds(call) {
+  // The server may have evicted our features (LRU): send the images again, once.
+  try {
+    return await call();
+  } catch (err) {
+    if (err.status !== 404 || err.code !== "unknown_feature_id") throw err;
+    for (const image of Object.values(state.images)) if (image) image.ids = {};
+    return call();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Similarity
+
+function contentBox(slot) {
+  // Where the image is drawn inside its <img> box (object-fit: contain may letterbox it).
+  const img = $(`base-${slot}`);
+  const box = img.getBoundingClientRect();
+  const image = state.images[slot];
+  const w = image.width || img.naturalWidth || 1;
+  const h = image.height || img.naturalHeight || 1;
+  const scale = Math.min(box.width / w, box.height / h);
+  const dw = w * scale;
+  const dh = h * scale;
+  return { left: box.left + (box.width - dw) / 2, top: box.top + (box.height - dh) / 2, width: dw, height: dh,
+    offsetX: (box.width - dw) / 2, offsetY: (box.height - dh) / 2 };
+}
+
+function pointFromEvent(slot, event) {
+  const image = state.images[slot];
+  const box = contentBox(slot);
+  const fx = (event.clientX - box.left) / box.width;
+  const fy = (event.clientY - box.top) / box.height;
+  if (fx < 0 || fy < 0 || fx > 1 || fy > 1) return null; // on the letterbox, not the image
+  // Original pixels, clamped inside the image (a click on the last pixel column maps to < width).
+  const x = Math.min(Math.max(fx * image.width, 0), image.width - 1);
+  const y = Math.min(Math.max(fy * image.height, 0), image.height - 1);
+  return { slot, x: Math.round(x * 100) / 100, y: Math.round(y * 100) / 100 };
+}
+
+function placeMarker(slot, x, y) {
+  const image = state.images[slot];
+  const box = contentBox(slot);
+  const marker = $(`marker-${slot}`);
+  marker.style.left = `${box.offsetX + (x / image.width) * box.width}px`;
+  marker.style.top = `${box.offsetY + (y / image.height) * box.height}px`;
+  marker.hidden = false;
+  $(`marker-${otherSlot(slot)}`).hidden = true;
+}
+
+function clearMaps() {
+  for (const slot of ["a", "b"]) {
+    const heat = $(`heat-${slot}`);
+    if (heat.src) URL.revokeObjectURL(heat.src);
+    heat.removeAttribute("src");
+    heat.hidden = true;
+    $(`marker-${slot}`).hidden = true;
+  }
+  state.lastClick = null;
+}
+
+function requestPoint(point) {
+  if (!point) return;
+  state.pending = point;
+  if (!state.inflight) drainPoints();
+}
+
+async function drainPoints() {
+  // One request at a time; while it runs only the latest point is kept (dragging stays smooth).
+  state.inflight = true;
+  setBusy(true);
+  while (state.pending) {
+    const point = state.pending;
+    state.pending = null;
+    try {
+      await showSimilarity(point);
+    } catch (err) {
+      showError(err);
+    }
+  }
+  state.inflight = false;
+  setBusy(false);
+}
+
+async function showSimilarity({ slot, x, y }) {
+  const source = state.images[slot];
+  if (!source) return;
+  const targetSlot = state.images[otherSlot(slot)] ? otherSlot(slot) : slot;
+  const target = state.images[targetSlot];
+  placeMarker(slot, x, y);
+  const started = performance.now();
+  const response = await withFreshIds(async () => {
+    const body = new FormData();
+    body.append("feature_id", await featureId(source));
+    if (target !== source) body.append("target_id", await featureId(target));
+    const params = { x, y, format: "png", overlay: false, iterations: state.iterations };
+    return api(`v1/similarity?${query(params)}`, { method: "POST", body });
+  });
+  const blob = await response.blob();
+  const heat = $(`heat-${targetSlot}`);
+  const url = URL.createObjectURL(blob);
+  await new Promise((resolve, reject) => {
+    heat.onload = resolve;
+    heat.onerror = () => reject(new ApiError(response.status, "bad_map", "the server's map is not a PNG"));
+    heat.src = url;
+  });
+  const other = $(`heat-${targetSlot === "a" ? "b" : "a"}`);
+  other.hidden = true;
+  heat.hidden = false;
+  heat.style.opacity = String($("opacity").value / 100);
+  const elapsed = performance.now() - started;
+  state.maps += 1;
+  state.lastClick = { slot, x, y };
+  document.body.dataset.latencyMs = elapsed.toFixed(1);
+  document.body.dataset.maps = String(state.maps);
+  clearError();
+  const where = targetSlot === slot ? "" : " (shown on the other image)";
+  setStatus(`Point (${Math.round(x)}, ${Math.round(y)}): map in ${elapsed.toFixed(0)} ms${where}.`);
+}
+
+function bindStage(slot) {
+  const stage = $(`stage-${slot}`);
+  let dragging = false;
+  stage.addEventListener("pointerdown", (event) => {
+    if (!state.images[slot] || state.mode !== "similarity" || event.button > 0) return;
+    dragging = true;
+    stage.setPointerCapture(event.pointerId);
+    requestPoint(pointFromEvent(slot, event));
+    event.preventDefault();
+  });
+  stage.addEventListener("pointermove", (event) => {
+    if (dragging) requestPoint(pointFromEvent(slot, event));
+  });
+  const stop = () => {
+    dragging = false;
+  };
+  stage.addEventListener("pointerup", stop);
+  stage.addEventListener("pointercancel", stop);
+  stage.addEventListener("keydown", (event) => {
+    // Keyboard: Enter queries the centre, arrows move the last point by 2 % of the image.
+    const image = state.images[slot];
+    if (!image) return;
+    const last = state.lastClick && state.lastClick.slot === slot ? state.lastClick : null;
+    let x = last ? last.x : image.width / 2;
+    let y = last ? last.y : image.height / 2;
+    const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[event.key];
+    if (step) {
+      x = Math.min(Math.max(x + step[0] * 0.02 * image.width, 0), image.width - 1);
+      y = Math.min(Math.max(y + step[1] * 0.02 * image.height, 0), image.height - 1);
+    } else if (event.key !== "Enter") return;
+    event.preventDefault();
+    requestPoint({ slot, x: Math.round(x * 100) / 100, y: Math.round(y * 100) / 100 });
+  });
+  // Drag and drop onto a pane.
+  stage.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    stage.classList.add("dragover");
+  });
+  stage.addEventListener("dragleave", () => stage.classList.remove("dragover"));
+  stage.addEventListener("drop", (event) => {
+    event.preventDefault();
+    event.stopPropagation();
+    stage.classList.remove("dragover");
+    const files = [...event.dataTransfer.files];
+    if (files.length >= 2) {
+      setImage("a", files[0]).then(() => setImage("b", files[1]));
+    } else if (files.length === 1) {
+      setImage(slot, files[0]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matches
+
+async function runMatches() {
+  const a = state.images.a;
+  const b = state.images.b;
+  const info = $("match-info");
+  if (!a || !b) {
+    state.matches = null;
+    drawMatches();
+    info.textContent = "Choose two images to see their keypoint matches.";
+    return;
+  }
+  setBusy(true);
+  info.textContent = "matching…";
+  try {
+    const started = performance.now();
+    const response = await withFreshIds(async () => {
+      const body = new FormData();
+      body.append("feature_id_a", await featureId(a));
+      body.append("feature_id_b", await featureId(b));
+      const params = {
+        format: "json",
+        max_matches: $("max-matches").value || null,
+        min_score: $("min-score").value,
+        iterations: state.iterations,
+      };
+      return api(`v1/match?${query(params)}`, { method: "POST", body });
+    });
+    const result = await response.json();
+    state.matches = result.matches || [];
+    drawMatches();
+    const ms = (performance.now() - started).toFixed(0);
+    info.textContent = `${state.matches.length} mutual nearest-neighbour matches (${ms} ms); colour = score.`;
+    clearError();
+  } catch (err) {
+    info.textContent = "";
+    showError(err);
+  } finally {
+    setBusy(false);
+  }
+}
+
+function scoreColour(score, lo, hi) {
+  // red (lowest shown) -> yellow -> green (best)
+  const t = hi > lo ? (score - lo) / (hi - lo) : 1;
+  return `hsl(${Math.round(120 * Math.min(Math.max(t, 0), 1))}, 90%, 45%)`;
+}
+
+function drawMatches() {
+  const canvas = $("match-canvas");
+  const a = state.images.a;
+  const b = state.images.b;
+  const ctx = canvas.getContext("2d");
+  const cssWidth = canvas.parentElement.clientWidth || 800;
+  const ratio = window.devicePixelRatio || 1;
+  if (!a || !b) {
+    canvas.width = cssWidth * ratio;
+    canvas.height = 120 * ratio;
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    canvas.dataset.matches = "0";
+    return;
+  }
+  // Both images at the same height, side by side, filling the width.
+  const gap = 12;
+  const height = Math.min((cssWidth - gap) / (a.width / a.height + b.width / b.height), window.innerHeight * 0.75);
+  const wa = (a.width / a.height) * height;
+  const wb = (b.width / b.height) * height;
+  canvas.width = Math.round((wa + gap + wb) * ratio);
+  canvas.height = Math.round(height * ratio);
+  canvas.style.width = `${wa + gap + wb}px`;
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, wa + gap + wb, height);
+  ctx.drawImage($("base-a"), 0, 0, wa, height);
+  ctx.drawImage($("base-b"), wa + gap, 0, wb, height);
+  const matches = state.matches || [];
+  const scores = matches.map((m) => m.score);
+  const lo = Math.min(...scores);
+  const hi = Math.max(...scores);
+  ctx.lineWidth = 1.5;
+  // Worst first so the best matches are drawn on top.
+  for (const m of [...matches].reverse()) {
+    const ax = (m.a[0] / a.width) * wa;
+    const ay = (m.a[1] / a.height) * height;
+    const bx = wa + gap + (m.b[0] / b.width) * wb;
+    const by = (m.b[1] / b.height) * height;
+    ctx.strokeStyle = ctx.fillStyle = scoreColour(m.score, lo, hi);
+    ctx.beginPath();
+    ctx.moveTo(ax, ay);
+    ctx.lineTo(bx, by);
+    ctx.stroke();
+    for (const [px, py] of [[ax, ay], [bx, by]]) {
+      ctx.beginPath();
+      ctx.arc(px, py, 3, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+  }
+  canvas.dataset.matches = String(matches.length);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Controls
+
+function setMode(mode) {
+  state.mode = mode;
+  $("tab-similarity").setAttribute("aria-pressed", String(mode === "similarity"));
+  $("tab-matches").setAttribute("aria-pressed", String(mode === "matches"));
+  $("view-similarity").hidden = mode !== "similarity";
+  $("view-matches").hidden = mode !== "matches";
+  $("match-controls").hidden = mode !== "matches";
+  if (mode === "matches") runMatches();
+}
+
+function updateLayout() {
+  $("clear-b").hidden = !state.images.b;
+}
+
+let matchTimer = null;
+function rematchSoon() {
+  clearTimeout(matchTimer);
+  matchTimer = setTimeout(runMatches, 250);
+}
+
+function bindControls() {
+  $("file-a").addEventListener("change", (e) => setImage("a", e.target.files[0] || null));
+  $("file-b").addEventListener("change", (e) => setImage("b", e.target.files[0] || null));
+  $("clear-b").addEventListener("click", () => {
+    $("file-b").value = "";
+    setImage("b", null);
+  });
+  $("error-close").addEventListener("click", clearError);
+  $("tab-similarity").addEventListener("click", () => setMode("similarity"));
+  $("tab-matches").addEventListener("click", () => setMode("matches"));
+  $("opacity").addEventListener("input", (e) => {
+    $("opacity-value").textContent = `${e.target.value} %`;
+    for (const slot of ["a", "b"]) $(`heat-${slot}`).style.opacity = String(e.target.value / 100);
+  });
+  $("iterations").addEventListener("change", (e) => {
+    state.iterations = Number(e.target.value);
+    showStride();
+    const last = state.lastClick;
+    clearMaps();
+    if (state.mode === "matches") runMatches();
+    else if (last) requestPoint(last); // same point, new density (sends the image once more)
+  });
+  $("max-matches").addEventListener("input", rematchSoon);
+  $("min-score").addEventListener("input", (e) => {
+    $("min-score-value").textContent = Number(e.target.value).toFixed(2);
+    rematchSoon();
+  });
+  window.addEventListener("resize", () => {
+    if (state.lastClick) placeMarker(state.lastClick.slot, state.lastClick.x, state.lastClick.y);
+    if (state.mode === "matches") drawMatches();
+  });
+  // A file dropped anywhere else on the page goes to the first image (or both, when two).
+  document.addEventListener("dragover", (e) => e.preventDefault());
+  document.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const files = [...e.dataTransfer.files];
+    if (files.length) setImage("a", files[0]).then(() => files[1] && setImage("b", files[1]));
+  });
+  bindStage("a");
+  bindStage("b");
+}
+
+bindControls();
+setBusy(false);
+loadModels();
