@@ -41,3 +41,40 @@ def tiny_lift(tiny_backbone):
 
     torch.manual_seed(0)
     return LiFT(tiny_backbone.embed_dim, tiny_backbone.patch_size).eval()
+
+
+def make_tiny_bundle(out_dir, **kwargs):
+    """Export the tiny backbone (``tiny_spec_dict()``) plus a LiFT seeded with 0 to ``out_dir``.
+
+    The LiFT weights go through our checkpoint format (``<out_dir>_lift.safetensors`` + sidecar) so
+    the bundle is made by the same path as ``lift export --checkpoint``. Defaults: iterations
+    (0, 1), sizes 64x64 and 64x96 (height x width); ``kwargs`` override ``export_bundle``'s.
+    Returns the bundle directory.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from model.backbone import BackboneSpec, ViTBackbone
+    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from model.export import export_bundle
+    from model.lift import LiFT
+
+    out_dir = Path(out_dir)
+    spec = BackboneSpec.from_dict(tiny_spec_dict())
+    backbone = ViTBackbone.from_spec(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lift = LiFT(backbone.embed_dim, backbone.patch_size).eval()
+    meta = CheckpointMeta(backbone=spec.to_dict(), channels=backbone.embed_dim, patch_size=backbone.patch_size,
+                          mean=list(backbone.mean), std=list(backbone.std))
+    checkpoint = save_lift_checkpoint(out_dir.parent / f"{out_dir.name}_lift.safetensors", lift, meta)
+    options = {"lift_iterations": (0, 1), "sizes": [(64, 64), (64, 96)]}
+    options.update(kwargs)
+    return export_bundle(out_dir, None, checkpoint, **options)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A bundle of the tiny ViT + seeded LiFT: iterations (0, 1), sizes 64x64 and 64x96 (fp32)."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle") / "bundle")
