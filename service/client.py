@@ -169,6 +169,7 @@ class _Call:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
     data: dict[str, str] | None = None
+    reused_ids: bool = False  # a remembered feature id stands in for an image the caller gave
 
     def kwargs(self) -> dict[str, Any]:
         params = {k: _param(v) for k, v in self.params.items() if v is not None}
@@ -328,35 +329,38 @@ class _Core:
         params: dict[str, Any] = {"x": x, "y": y, "format": fmt, "iterations": iterations}
         if fmt == "png":
             params.update(overlay=overlay, alpha=alpha)
-        files, data = [], {}
-        fid = feature_id or (self.remembered(image, iterations) if reuse and image is not None else None)
-        if fid:
-            data["feature_id"] = fid
-        else:
-            files.append(_file("image", image))  # type: ignore[arg-type]
+        call = _Call("POST", "/v1/similarity", params)
+        self._attach(call, "image", "feature_id", image, feature_id, iterations, reuse)
         if target is not None or target_id is not None:
-            tid = target_id or (self.remembered(target, iterations) if reuse and target is not None else None)
-            if tid:
-                data["target_id"] = tid
-            else:
-                files.append(_file("target", target))  # type: ignore[arg-type]
-        return _Call("POST", "/v1/similarity", params, files=files or None, data=data or None)
+            self._attach(call, "target", "target_id", target, target_id, iterations, reuse)
+        return call
 
     def match_call(
         self, a: bytes | None, b: bytes | None, feature_id_a: str | None, feature_id_b: str | None,
         fmt: str, max_matches: int | None, min_score: float | None, iterations: int | None, reuse: bool,
     ) -> _Call:
+        if fmt not in ("json", "png"):
+            raise ValueError(f"format must be 'json' or 'png', got {fmt!r}")
         params = {"format": fmt, "max_matches": max_matches, "min_score": min_score, "iterations": iterations}
-        files, data = [], {}
+        call = _Call("POST", "/v1/match", params)
         for name, img, fid in (("a", a, feature_id_a), ("b", b, feature_id_b)):
             if img is None and fid is None:
                 raise ValueError(f"give image {name} or feature_id_{name}")
-            fid = fid or (self.remembered(img, iterations) if reuse and img is not None else None)
-            if fid:
-                data[f"feature_id_{name}"] = fid
-            else:
-                files.append(_file(f"image_{name}", img))  # type: ignore[arg-type]
-        return _Call("POST", "/v1/match", params, files=files or None, data=data or None)
+            self._attach(call, f"image_{name}", f"feature_id_{name}", img, fid, iterations, reuse)
+        return call
+
+    def _attach(self, call: _Call, file_field: str, id_field: str, image: bytes | None, feature_id: str | None,
+                iterations: int | None, reuse: bool) -> None:
+        """Add an image to ``call``: the caller's id, else a remembered id, else the bytes."""
+        if feature_id:
+            call.data = {**(call.data or {}), id_field: feature_id}
+            return
+        remembered = self.remembered(image, iterations) if reuse and image is not None else None
+        if remembered:
+            call.data = {**(call.data or {}), id_field: remembered}
+            call.reused_ids = True
+        else:
+            call.files = [*(call.files or []), _file(file_field, image)]  # type: ignore[arg-type]
 
     def learn_similarity(self, response: httpx.Response, image: bytes | None, target: bytes | None,
                          iterations: int | None) -> None:
@@ -425,10 +429,11 @@ class LiftClient:
 
     def _with_fresh_ids(self, build: Callable[[bool], _Call]) -> httpx.Response:
         """Send with remembered ids; if the server forgot one, send the images again (once)."""
+        call = build(True)
         try:
-            return self._send(build(True))
+            return self._send(call)
         except LiftAPIError as error:
-            if not _is_stale_id(error):
+            if not (call.reused_ids and _is_stale_id(error)):
                 raise
             self._core.forget()
             return self._send(build(False))
@@ -555,10 +560,11 @@ class AsyncLiftClient:
             await asyncio.sleep(_retry_wait(error, self._core.max_retry_wait))
 
     async def _with_fresh_ids(self, build: Callable[[bool], _Call]) -> httpx.Response:
+        call = build(True)
         try:
-            return await self._send(build(True))
+            return await self._send(call)
         except LiftAPIError as error:
-            if not _is_stale_id(error):
+            if not (call.reused_ids and _is_stale_id(error)):
                 raise
             self._core.forget()
             return await self._send(build(False))
