@@ -1,0 +1,249 @@
+"""Dynamic batching: many concurrent single-image requests -> few batched model calls.
+
+:class:`MicroBatcher` owns one worker task and one inference thread per runtime. Requests are
+grouped by key ``(input_height, input_width, iterations)`` (a batch must share one input size and
+one graph). The worker takes the key whose oldest request waited longest, waits until that request
+is ``max_wait_s`` old or ``max_batch_size`` requests of that key are pending, drops requests that
+were cancelled, timed out or whose client disconnected, and runs the rest as one call in its thread
+(ONNX Runtime releases the GIL, so the event loop keeps serving). While a batch runs, new requests
+pile up and form the next batch: under load batches grow without any extra waiting.
+
+Back-pressure: at most ``max_queue`` requests wait (not counting the batch being run); beyond that
+:meth:`MicroBatcher.submit` raises :class:`QueueFullError` at once with a ``Retry-After`` estimate.
+Each request has ``timeout_s`` from submission to result, else :class:`BatchTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+logger = logging.getLogger("lift.batcher")
+
+
+class QueueFullError(Exception):
+    """The queue holds ``max_queue`` requests; :attr:`retry_after_s` estimates when there is room."""
+
+    def __init__(self, depth: int, retry_after_s: int):
+        super().__init__(f"{depth} requests are already waiting")
+        self.depth = depth
+        self.retry_after_s = retry_after_s
+
+
+class BatchTimeoutError(Exception):
+    """The request waited and ran longer than ``timeout_s``."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher is shutting down."""
+
+
+class ClientGoneError(Exception):
+    """The request was dropped before inference because its client disconnected."""
+
+
+@dataclasses.dataclass
+class BatchHooks:
+    """Callbacks for metrics; all optional. ``on_drop`` reasons: disconnected, cancelled."""
+
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None
+    on_drop: Callable[[str], None] = lambda reason: None
+    on_depth: Callable[[int], None] = lambda depth: None
+
+
+@dataclasses.dataclass
+class _Item:
+    image: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    is_gone: Callable[[], Awaitable[bool]] | None
+    dropped: bool = False
+
+
+class MicroBatcher:
+    """Groups single-image requests into batched calls of ``run_batch``.
+
+    Args:
+        run_batch: ``(images uint8 [B, H, W, 3], iterations) -> float32 [B, C, h, w]``; called in
+            the batcher's own thread, one call at a time.
+        max_batch_size: largest B (1 = no batching).
+        max_wait_s: longest time the oldest request waits for others before its batch runs.
+        max_queue: most requests waiting at once.
+        timeout_s: per-request limit from :meth:`submit` to result.
+        hooks: metric callbacks.
+    """
+
+    def __init__(self, run_batch: Callable[[np.ndarray, int], np.ndarray], max_batch_size: int = 8,
+                 max_wait_s: float = 0.005, max_queue: int = 64, timeout_s: float = 30.0,
+                 hooks: BatchHooks | None = None):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.hooks = hooks or BatchHooks()
+        self.batches_run = 0
+        self.images_run = 0
+        self._pending: OrderedDict[tuple, deque[_Item]] = OrderedDict()
+        self._depth = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._last_batch_s = 0.05
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lift-inference")
+        self._worker = asyncio.get_running_loop().create_task(self._loop(), name="lift-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; waiting requests fail with :class:`BatcherClosedError`."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for queue in self._pending.values():
+            for item in queue:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosedError("the server is shutting down"))
+        self._pending.clear()
+        self._set_depth(0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch being run)."""
+        return self._depth
+
+    # -- requests --------------------------------------------------------------------------------
+    async def submit(self, image: np.ndarray, iterations: int,
+                     is_gone: Callable[[], Awaitable[bool]] | None = None) -> np.ndarray:
+        """Features of one image.
+
+        Args:
+            image: uint8 ``[H, W, 3]`` model input.
+            iterations: graph to run.
+            is_gone: async predicate checked just before inference (e.g. ``request.is_disconnected``);
+                True drops the request without running it.
+
+        Returns:
+            float32 ``[C, h, w]``.
+
+        Raises:
+            QueueFullError, BatchTimeoutError, BatcherClosedError, ClientGoneError, or what
+            ``run_batch`` raised.
+        """
+        if self._worker is None:
+            raise BatcherClosedError("the batcher is not running")
+        if self._depth >= self.max_queue:
+            batches_ahead = math.ceil(self._depth / self.max_batch_size) + 1
+            raise QueueFullError(self._depth, max(1, math.ceil(batches_ahead * self._last_batch_s)))
+        loop = asyncio.get_running_loop()
+        key = (int(image.shape[0]), int(image.shape[1]), int(iterations))
+        item = _Item(image, loop.create_future(), loop.time(), is_gone)
+        self._pending.setdefault(key, deque()).append(item)
+        self._set_depth(self._depth + 1)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(item.future, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise BatchTimeoutError(f"no result within {self.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            if item.dropped:  # the worker dropped it (client gone); this task itself was not cancelled
+                raise ClientGoneError("the client disconnected before inference") from None
+            raise
+
+    # -- worker ----------------------------------------------------------------------------------
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        self.hooks.on_depth(depth)
+
+    def _oldest_key(self) -> tuple | None:
+        best, best_time = None, math.inf
+        for key, queue in self._pending.items():
+            if queue and queue[0].enqueued < best_time:
+                best, best_time = key, queue[0].enqueued
+        return best
+
+    async def _wait_for_news(self, timeout: float | None) -> None:
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _take_batch(self) -> tuple[tuple, list[_Item]]:
+        loop = asyncio.get_running_loop()
+        while (key := self._oldest_key()) is None:
+            await self._wait_for_news(None)
+        deadline = self._pending[key][0].enqueued + self.max_wait_s
+        while len(self._pending[key]) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
+            await self._wait_for_news(remaining)
+        queue = self._pending[key]
+        batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch_size))]
+        if not queue:
+            del self._pending[key]
+        self._set_depth(self._depth - len(batch))
+        return key, batch
+
+    async def _live(self, batch: list[_Item]) -> list[_Item]:
+        live = []
+        for item in batch:
+            if item.future.done():  # timed out or the handler was cancelled
+                self.hooks.on_drop("cancelled")
+                continue
+            if item.is_gone is not None:
+                try:
+                    gone = await item.is_gone()
+                except Exception:
+                    gone = False
+                if gone:
+                    item.dropped = True
+                    item.future.cancel()
+                    self.hooks.on_drop("disconnected")
+                    continue
+            live.append(item)
+        return live
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key, batch = await self._take_batch()
+            live = await self._live(batch)
+            if not live:
+                continue
+            images = np.stack([item.image for item in live])
+            started = time.perf_counter()
+            try:
+                features = await loop.run_in_executor(self._executor, self.run_batch, images, key[2])
+            except Exception as exc:  # a failing batch fails its requests, never the worker
+                logger.exception("inference failed for a batch of %d", len(live))
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            seconds = time.perf_counter() - started
+            self._last_batch_s = seconds
+            self.batches_run += 1
+            self.images_run += len(live)
+            self.hooks.on_batch(len(live), seconds)
+            for item, result in zip(live, features, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)

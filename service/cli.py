@@ -1,0 +1,72 @@
+"""``lift serve``: run the HTTP service with uvicorn.
+
+Flags override the ``LIFT_*`` environment variables (service/settings.py); everything not offered
+as a flag (batching, cache, limits, providers, CORS ...) is set through the environment.
+``--demo`` exports (once, cached in ``LIFT_DEMO_DIR``) an untrained demo bundle, which needs the
+torch side (``train`` extra); its features are meaningless and the log, ``/v1/models`` and the README
+say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "serve a bundle over HTTP (FastAPI + ONNX Runtime): features, click similarity maps, matches"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", default=None, metavar="DIR",
+                        help="bundle directory from `lift export` (env LIFT_BUNDLE)")
+    parser.add_argument("--demo", action="store_true", default=None,
+                        help="serve an untrained demo bundle, exported once and cached; features are meaningless "
+                             "(env LIFT_DEMO)")
+    parser.add_argument("--demo-dir", default=None, metavar="DIR",
+                        help="cache directory of the demo bundle (env LIFT_DEMO_DIR, default "
+                             "~/.cache/lift-serve/demo-bundle)")
+    parser.add_argument("--host", default=None, help="interface to bind (env LIFT_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (env LIFT_PORT, default 8000)")
+    parser.add_argument("--log-level", default=None, choices=("critical", "error", "warning", "info", "debug"),
+                        help="env LIFT_LOG_LEVEL, default info")
+
+
+def build_settings(args: argparse.Namespace):
+    """Settings from the environment with the flags on top (a ConfigError for invalid values)."""
+    from pydantic import ValidationError
+
+    from service.app import ConfigError
+    from service.settings import Settings
+
+    if args.bundle and args.demo:
+        raise ConfigError("--bundle and --demo exclude each other: serve your bundle or the demo, not both")
+    overrides = {name: getattr(args, name) for name in ("bundle", "demo", "demo_dir", "host", "port", "log_level")
+                 if getattr(args, name, None) is not None}
+    if args.demo:
+        overrides["bundle"] = None  # --demo wins over a LIFT_BUNDLE in the environment
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid setting ({problems}); fix the LIFT_* variable or flag") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import DEMO_WARNING, ConfigError, check_settings, create_app
+
+    settings = build_settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.bundle is None and settings.demo:
+        try:
+            from model.export import export_demo_bundle
+        except ImportError as exc:
+            raise ConfigError(f"--demo exports a bundle with torch, which is not installed here ({exc}); install "
+                              "the 'train' extra, or serve a bundle exported elsewhere with --bundle DIR") from None
+        logging.getLogger("lift.service").warning(DEMO_WARNING)
+        settings = settings.model_copy(update={"bundle": export_demo_bundle(settings.demo_dir)})
+    check_settings(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=settings.log_level == "debug")
+    return 0

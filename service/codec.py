@@ -1,0 +1,151 @@
+"""Bytes <-> arrays: image decoding with safety limits, and NumPy / PNG encoding.
+
+Decoding is synchronous and CPU-bound; the routes call it in a worker thread so the event loop
+stays free. Problems raise :class:`~service.errors.ServiceError` with the status a client should see:
+
+* 400 ``empty_image``: zero bytes;
+* 415 ``not_an_image``: Pillow does not recognise the bytes as any image format;
+* 413 ``image_too_large``: the header declares more than ``max_pixels`` pixels (checked *before* the
+  pixels are decompressed, so a small file declaring huge dimensions costs nothing);
+* 400 ``corrupt_image``: recognised but undecodable (e.g. a truncated JPEG).
+
+Any Pillow mode becomes 8-bit RGB: EXIF orientation is applied first; 16-bit integer images
+(``I;16*``, and ``I`` taken as 16-bit) are scaled by 255/65535; float images (``F``) in [0, 1] are
+scaled by 255, other float ranges are min-max stretched; images with alpha (``LA``, ``RGBA``, ``PA``,
+``P`` with transparency) are composited over white; ``CMYK``, ``YCbCr``, ``L``, ``1``, ``P`` use
+Pillow's conversion. Animated or multi-page files contribute their first frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from service.errors import ServiceError
+
+# EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, before any pixel is decoded. Sizes are after EXIF orientation."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ServiceError(400, "empty_image", "the image is empty (0 bytes); send the file's contents")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check (Image.MAX_IMAGE_PIXELS) is replaced by the explicit one below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ServiceError(413, "image_too_large", f"the image declares more pixels than the limit of "
+                           f"{max_pixels}; send a smaller image") from None
+    except Exception:
+        raise ServiceError(
+            415, "not_an_image",
+            f"the {len(data)} bytes sent are not an image format this server can read "
+            "(JPEG, PNG, WebP, TIFF, BMP, GIF ...); send an image file") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ServiceError(
+            413, "image_too_large",
+            f"the image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels} "
+            "(LIFT_MAX_PIXELS); send a smaller image")
+    if width < 1 or height < 1:
+        raise ServiceError(400, "corrupt_image", f"the image declares an empty size {width}x{height}")
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block should not reject an otherwise fine image
+        return 1
+
+
+def read_header(data: bytes, max_pixels: int) -> ImageHeader:
+    """Image size (after EXIF orientation), format and mode from the header only."""
+    image = _open(data, max_pixels)
+    width, height = image.size
+    if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return ImageHeader(width, height, image.format or "unknown", image.mode)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into an 8-bit RGB Pillow image, EXIF orientation applied (see module doc)."""
+    image = _open(data, max_pixels)
+    try:
+        image.seek(0)
+        image.load()
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except ServiceError:
+        raise
+    except Exception as exc:
+        raise ServiceError(
+            400, "corrupt_image",
+            f"the {image.format or 'image'} file could not be decoded ({str(exc)[:120]}); it may be truncated "
+            "or damaged — send the complete file") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> ``RGB`` (rules in the module doc)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        return _gray_to_rgb(np.clip(values, 0, 65535) * (255.0 / 65535.0))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0 and hi <= 1:
+            return _gray_to_rgb(values * 255.0)
+        return _gray_to_rgb((values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values))
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except Exception:
+        raise ServiceError(415, "unsupported_image_mode", f"images in Pillow mode {mode!r} cannot be converted "
+                           "to RGB; send an 8-bit RGB image") from None
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``.npy`` bytes (NumPy format, readable with ``np.load(io.BytesIO(data))``)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of an RGB image (``[H, W, 3]`` uint8 or Pillow). Light compression: speed over size."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -1,0 +1,87 @@
+"""Pictures for people: similarity heat maps and side-by-side match drawings (Pillow + NumPy).
+
+Placement on the original image is the geometry object's job (:class:`service.geometry.ImageGeometry`);
+this module only colours and draws.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from service.geometry import ImageGeometry
+
+# A perceptually ordered dark-blue -> teal -> yellow ramp: position in [0, 1] -> RGB.
+_RAMP_POSITIONS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_RAMP_COLOURS = np.array([
+    [20, 12, 80],
+    [40, 90, 160],
+    [30, 160, 140],
+    [150, 210, 70],
+    [255, 240, 40],
+], dtype=np.float64)
+
+
+def colourize(values: np.ndarray) -> np.ndarray:
+    """``[H, W]`` values in [0, 1] -> ``[H, W, 3]`` uint8 RGB on the ramp above."""
+    v = np.clip(values, 0.0, 1.0)
+    channels = [np.interp(v, _RAMP_POSITIONS, _RAMP_COLOURS[:, c]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def map_to_image(sim: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """Resample a ``[grid_height, grid_width]`` cell map onto the original image: ``[height, width]`` float32.
+
+    Bilinear between cell centres; the part of the grid under padding (``keep_aspect``) is cropped.
+    """
+    grid = Image.fromarray(np.ascontiguousarray(sim, dtype=np.float32), mode="F")
+    resized = grid.resize((geometry.width, geometry.height), Image.Resampling.BILINEAR, box=geometry.content_box)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def heatmap_png_image(sim: np.ndarray, geometry: ImageGeometry, image: Image.Image | None,
+                      alpha: float) -> Image.Image:
+    """The similarity map as an RGB picture at the original image's size.
+
+    Colours span the map's own range (lowest similarity -> dark blue, the queried point's 1 -> yellow),
+    so the structure stays visible whatever the absolute values. With ``image`` given the colours are
+    blended over it: ``alpha`` * heat + (1 - ``alpha``) * image.
+    """
+    full = map_to_image(sim, geometry)
+    rows, cols = geometry.content_grid
+    lo, hi = float(sim[:rows, :cols].min()), float(sim[:rows, :cols].max())
+    heat = colourize((full - lo) / (hi - lo) if hi > lo else np.ones_like(full))
+    if image is None:
+        return Image.fromarray(heat)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = alpha * heat.astype(np.float32) + (1.0 - alpha) * base
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def match_png_image(image_a: Image.Image, image_b: Image.Image, points_a: np.ndarray, points_b: np.ndarray,
+                    scores: np.ndarray, height: int = 480) -> Image.Image:
+    """Both images side by side at a common ``height`` with a line per match.
+
+    Args:
+        points_a, points_b: ``[N, 2]`` ``(x, y)`` in each ORIGINAL image's pixels.
+        scores: ``[N]`` cosine similarities; line colour goes from blue (lowest) to yellow (highest).
+    """
+    height = max(16, min(height, max(image_a.height, image_b.height)))
+    scale_a, scale_b = height / image_a.height, height / image_b.height
+    wa, wb = max(1, round(image_a.width * scale_a)), max(1, round(image_b.width * scale_b))
+    canvas = Image.new("RGB", (wa + wb, height))
+    canvas.paste(image_a.convert("RGB").resize((wa, height), Image.Resampling.BILINEAR), (0, 0))
+    canvas.paste(image_b.convert("RGB").resize((wb, height), Image.Resampling.BILINEAR), (wa, 0))
+    draw = ImageDraw.Draw(canvas)
+    if len(scores):
+        lo, hi = float(np.min(scores)), float(np.max(scores))
+        colours = colourize((np.asarray(scores) - lo) / (hi - lo) if hi > lo else np.ones(len(scores)))
+        # Worst first so the best matches are drawn on top.
+        for i in np.argsort(scores):
+            xa, ya = points_a[i][0] * wa / image_a.width, points_a[i][1] * height / image_a.height
+            xb, yb = wa + points_b[i][0] * wb / image_b.width, points_b[i][1] * height / image_b.height
+            colour = tuple(int(c) for c in colours[i])
+            draw.line([(xa, ya), (xb, yb)], fill=colour, width=1)
+            for x, y in ((xa, ya), (xb, yb)):
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+    return canvas

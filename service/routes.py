@@ -1,0 +1,469 @@
+"""HTTP routes: parse the request, call the feature pipeline, encode the answer.
+
+Bodies are read by :func:`read_upload` (size cap, content type, empty body, unknown fields) rather
+than by FastAPI's form machinery so that every failure gets the documented status and message; the
+multipart schemas are still declared for ``/docs``. Unknown query parameters are refused (422) so a
+typo such as ``?iteration=2`` is not silently ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from service.app import DEMO_WARNING, STATIC_DIR, ServiceState
+from service.cache import FeatureEntry
+from service.codec import decode_image, encode_npy, encode_png
+from service.errors import ServiceError
+from service.features import FeatureService
+from service.matching import mutual_nearest_neighbors, similarity_map
+from service.render import heatmap_png_image, match_png_image
+from service.settings import Settings, get_settings
+
+router = APIRouter()
+
+NPY = "application/x-npy"
+MAX_MATCH_PAIRS = 64_000_000  # cells_a * cells_b: the similarity matrix is 4 bytes per pair
+MAX_JSON_VALUES = 20_000_000
+
+ERROR_RESPONSES = {
+    status: {"description": text, "content": {"application/json": {"example": {
+        "error": {"code": code, "message": "what went wrong and what to do"}}}}}
+    for status, code, text in [
+        (400, "empty_body", "empty body, missing image, corrupt image"),
+        (404, "unknown_feature_id", "feature id unknown or evicted: send the image again"),
+        (413, "payload_too_large", "body over LIFT_MAX_UPLOAD_BYTES or image over LIFT_MAX_PIXELS"),
+        (415, "not_an_image", "wrong content type or bytes that are not an image"),
+        (422, "invalid_parameter", "bad or unknown parameter, point outside the image"),
+        (429, "queue_full", "queue full; honour Retry-After"),
+        (503, "not_ready", "model not loaded yet; honour Retry-After"),
+        (504, "timeout", "no result within LIFT_REQUEST_TIMEOUT_S"),
+    ]
+}
+
+
+# -- dependencies -----------------------------------------------------------------------------------
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def ready_pipeline(state: StateDep) -> FeatureService:
+    return state.require_ready()
+
+
+PipelineDep = Annotated[FeatureService, Depends(ready_pipeline)]
+
+
+def only_query(*allowed: str):
+    """A dependency refusing query parameters outside ``allowed`` (422 naming them)."""
+    allowed_set = set(allowed)
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params.keys()) - allowed_set)
+        if unknown:
+            raise ServiceError(422, "unknown_parameter",
+                               f"unknown query parameter(s) {unknown}; this endpoint accepts {sorted(allowed_set)}")
+        for name in request.query_params.keys():
+            if len(request.query_params.getlist(name)) > 1:
+                raise ServiceError(422, "invalid_parameter", f"query parameter {name!r} is given more than once")
+
+    return Depends(check)
+
+
+def multipart_doc(files: dict[str, str], fields: dict[str, str], raw: bool) -> dict:
+    """OpenAPI ``requestBody`` for the hand-parsed bodies."""
+    properties = {name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()}
+    properties.update({name: {"type": "string", "description": text} for name, text in fields.items()})
+    content = {"multipart/form-data": {"schema": {"type": "object", "properties": properties}}}
+    if raw:
+        content["image/*"] = {"schema": {"type": "string", "format": "binary",
+                                         "description": "the image file itself as the whole body"}}
+    return {"requestBody": {"content": content, "required": False}}
+
+
+# -- body -------------------------------------------------------------------------------------------
+class Upload:
+    """A parsed request body: image files and text fields by name."""
+
+    def __init__(self, files: dict[str, list[bytes]], fields: dict[str, str]):
+        self.files = files
+        self.fields = fields
+
+    def one_file(self, name: str) -> bytes | None:
+        found = self.files.get(name, [])
+        if len(found) > 1:
+            raise ServiceError(422, "invalid_parameter", f"send at most one {name!r} file")
+        return found[0] if found else None
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, "payload_too_large",
+                           f"the body is {int(declared)} bytes, more than the limit of {limit} "
+                           "(LIFT_MAX_UPLOAD_BYTES); send a smaller image")
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ServiceError(413, "payload_too_large",
+                                   f"the body exceeds the limit of {limit} bytes (LIFT_MAX_UPLOAD_BYTES); "
+                                   "send a smaller image")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServiceError(499, "client_closed_request", "the client disconnected while sending") from None
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser reads a cached body (Request.stream yields _body)
+    return body
+
+
+async def read_upload(request: Request, settings: Settings, files: set[str], fields: set[str],
+                      raw_field: str | None) -> Upload:
+    """Parse a multipart body (``files``/``fields`` allowed) or a raw ``image/*`` body (as ``raw_field``).
+
+    An empty body yields an empty :class:`Upload` (routes decide whether that is an error).
+    """
+    body = await _read_capped(request, settings.max_upload_bytes)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not body:
+        return Upload({}, {})
+    # A feature id alone arrives as an url-encoded form (what HTTP clients send for fields without files).
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=256, max_fields=64)
+        except Exception as exc:
+            raise ServiceError(400, "bad_multipart",
+                               f"the multipart body could not be parsed: {str(exc)[:200]}") from None
+        out_files: dict[str, list[bytes]] = {}
+        out_fields: dict[str, str] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                if name not in fields:
+                    raise ServiceError(422, "unknown_field", f"unknown form field {name!r}; accepted: "
+                                       f"files {sorted(files)}, fields {sorted(fields)}")
+                out_fields[name] = value
+            else:
+                if name not in files:
+                    raise ServiceError(422, "unknown_field", f"unknown file field {name!r}; accepted: "
+                                       f"files {sorted(files)}")
+                out_files.setdefault(name, []).append(await value.read())
+        await form.close()
+        return Upload(out_files, out_fields)
+    if raw_field is not None and (content_type.startswith("image/") or content_type == "application/octet-stream"):
+        return Upload({raw_field: [body]}, {})
+    accepted = "multipart/form-data" + (", image/* or application/octet-stream" if raw_field else "")
+    raise ServiceError(415, "unsupported_media_type",
+                       f"content type {content_type or '(none)'!r} is not accepted; send {accepted} "
+                       f"(e.g. curl -F {next(iter(sorted(files)))}=@photo.jpg)")
+
+
+def _pick(upload: Upload, request: Request, file_name: str, id_name: str) -> tuple[bytes | None, str | None]:
+    """An image file or a feature id (form field or query), not both."""
+    data = upload.one_file(file_name)
+    fid = upload.fields.get(id_name) or request.query_params.get(id_name)
+    if data is not None and fid:
+        raise ServiceError(422, "invalid_parameter", f"send either a {file_name!r} file or {id_name!r}, not both")
+    return data, fid
+
+
+async def _entry(pipeline: FeatureService, request: Request, data: bytes | None, fid: str | None,
+                 iterations: int | None, what: str) -> FeatureEntry:
+    if fid:
+        entry = pipeline.from_id(fid)
+        if iterations is not None and iterations != entry.iterations:
+            raise ServiceError(422, "invalid_parameter",
+                               f"iterations={iterations} conflicts with the {what} feature id, computed with "
+                               f"{entry.iterations}; omit iterations or send the image again")
+        return entry
+    if not data:
+        raise ServiceError(400, "empty_image" if data is not None else "missing_image",
+                           f"the {what} image is missing or empty; send it as a multipart file (or its feature id)")
+    return await pipeline.from_upload(data, pipeline.iterations(iterations), request.is_disconnected)
+
+
+def _size_text(entry: FeatureEntry) -> tuple[str, str]:
+    g = entry.geometry
+    return f"{g.input_height}x{g.input_width}", f"{g.width}x{g.height}"
+
+
+# -- info -------------------------------------------------------------------------------------------
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: model loaded and warmed (503 until then)",
+            responses={503: ERROR_RESPONSES[503]})
+async def readyz(state: StateDep):
+    state.require_ready()
+    return {"status": "ready", "demo": bool(state.runtime.demo)}
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics (text format)")
+async def metrics(state: StateDep) -> Response:
+    state.metrics.cache_bytes.set(state.features.cache.bytes_used if state.features else 0)
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+@router.get("/", include_in_schema=False)
+async def index():
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        raise ServiceError(404, "not_found", "no page is installed in this build; the API reference is at /docs")
+    return FileResponse(page)
+
+
+@router.get("/v1/models", tags=["model"], summary="What is loaded and which request parameters are allowed",
+            dependencies=[only_query()], responses={503: ERROR_RESPONSES[503]})
+async def models(state: StateDep, pipeline: PipelineDep):
+    runtime, settings = state.runtime, state.settings
+    manifest = runtime.manifest
+    return {
+        "model": {
+            "backbone": manifest["backbone"],
+            "lift": manifest["lift"],
+            "input_sizes": [{"height": h, "width": w} for h, w in runtime.sizes],
+            "channels": runtime.channels,
+            "patch_size": runtime.patch_size,
+            "strides": {str(k): runtime.stride(k) for k in runtime.iterations},
+            "iterations": runtime.iterations,
+            "default_iterations": runtime.default_iterations,
+            "providers": runtime.active_providers,
+            "parity": manifest.get("parity"),
+            "resize_policy": settings.resize_policy,
+        },
+        "demo": bool(runtime.demo),
+        "warning": DEMO_WARNING if runtime.demo else None,
+        "parameters": {
+            "iterations": {"allowed": runtime.iterations, "default": runtime.default_iterations},
+            "features.format": ["npy", "json"], "features.dtype": ["float32", "float16"],
+            "similarity.format": ["png", "npy", "json"], "similarity.alpha": {"min": 0.0, "max": 1.0, "default": 0.6},
+            "similarity.overlay": {"default": True},
+            "match.format": ["json", "png"], "match.max_matches": {"min": 1, "max": 10000, "default": 200},
+            "match.min_score": {"min": -1.0, "max": 1.0, "default": 0.0},
+            "max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
+            "max_batch_size": settings.effective_batch_size,
+        },
+    }
+
+
+# -- features ---------------------------------------------------------------------------------------
+ITERATIONS_QUERY = Query(None, ge=0, le=8, description="LiFT rounds (each doubles the density); one of the "
+                         "bundle's offered values (GET /v1/models), default = the bundle's default", examples=[1])
+
+
+@router.post(
+    "/v1/features", tags=["features"], summary="Dense descriptors of one or more images",
+    description=(
+        "Send images as multipart fields named `image` (repeatable) or one image as the raw body "
+        "(`Content-Type: image/*`). `npy` (default): one image -> `[C, h, w]`, several -> `[N, C, h, w]` "
+        "(all must get the same model input size; else use json). Headers: `X-Feature-Shape` (body shape, "
+        "comma-separated), `X-Feature-Stride` (input pixels per cell), `X-Input-Size` (model input `HxW`), "
+        "`X-Image-Size` (original `WxH`), `X-Feature-Id` (comma-separated for several). `json`: "
+        '`{"features": [{"id", "shape", "stride", "input_size", "image_size", "geometry", "dtype", "data"}]}` '
+        "with `data` nested lists `[C][h][w]`."),
+    dependencies=[only_query("format", "dtype", "iterations")],
+    openapi_extra=multipart_doc({"image": "an image file; repeat the field for several"}, {}, raw=True),
+    responses={200: {"content": {NPY: {}, "application/json": {}},
+                     "description": "features as .npy (default) or JSON"}, **ERROR_RESPONSES},
+)
+async def features(
+    request: Request,
+    settings: SettingsDep,
+    pipeline: PipelineDep,
+    format: Literal["npy", "json"] = Query("npy", description="response encoding", examples=["npy"]),
+    dtype: Literal["float32", "float16"] = Query("float32", description="descriptor precision in the response"),
+    iterations: int | None = ITERATIONS_QUERY,
+):
+    upload = await read_upload(request, settings, files={"image"}, fields=set(), raw_field="image")
+    images = upload.files.get("image", [])
+    if not images:
+        raise ServiceError(400, "empty_body", "no image was sent: use multipart field 'image' (repeatable) "
+                           "or a raw image/* body, e.g. curl -F image=@photo.jpg")
+    k = pipeline.iterations(iterations)
+    entries = await asyncio.gather(*(_entry(pipeline, request, data, None, k, "uploaded") for data in images))
+    if format == "json":
+        total = sum(e.features.size for e in entries)
+        if total > MAX_JSON_VALUES:
+            raise ServiceError(422, "too_large_for_json", f"{total} values are too many for JSON; use format=npy")
+        payload = await asyncio.to_thread(_features_json, entries, dtype)
+        headers = {"X-Feature-Id": ",".join(e.id for e in entries)}
+        return Response(payload, media_type="application/json", headers=headers)
+    shapes = {e.features.shape for e in entries}
+    if len(shapes) > 1:
+        raise ServiceError(422, "mixed_input_sizes",
+                           f"the images map to different feature shapes {sorted(shapes)}, which one .npy array "
+                           "cannot hold; use format=json or one request per image")
+    stacked = entries[0].features if len(entries) == 1 else np.stack([e.features for e in entries])
+    body = await asyncio.to_thread(encode_npy, stacked.astype(dtype, copy=False))
+    sizes = [_size_text(e) for e in entries]
+    headers = {
+        "X-Feature-Shape": ",".join(str(n) for n in stacked.shape),
+        "X-Feature-Stride": f"{entries[0].geometry.stride:g}",
+        "X-Input-Size": ",".join(s[0] for s in sizes),
+        "X-Image-Size": ",".join(s[1] for s in sizes),
+        "X-Feature-Id": ",".join(e.id for e in entries),
+    }
+    return Response(body, media_type=NPY, headers=headers)
+
+
+def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
+    items = []
+    for e in entries:
+        g = e.geometry.describe()
+        items.append({"id": e.id, "shape": list(e.features.shape), "stride": e.geometry.stride,
+                      "input_size": g["input_size"], "image_size": g["image_size"], "geometry": g,
+                      "iterations": e.iterations, "dtype": dtype,
+                      "data": e.features.astype(dtype).astype(np.float64).tolist()})
+    return json.dumps({"features": items}).encode()
+
+
+# -- similarity -------------------------------------------------------------------------------------
+@router.post(
+    "/v1/similarity", tags=["similarity"], summary="Cosine-similarity map of a clicked point",
+    description=(
+        "The descriptor of the feature cell containing the point (`x`, `y`) in the ORIGINAL image's pixels "
+        "(source: multipart `image` or a raw image body, or `feature_id`) is compared with every cell of the "
+        "`target` image (multipart `target` or `target_id`; default the same image). The queried cell's own "
+        "similarity is exactly 1. `png` (default): colour-mapped heat map at the target's original size "
+        "(blended over it with `overlay=true`); `npy`: the `[h, w]` map on the feature grid; `json`: the "
+        "map plus how the grid maps onto the images. Headers `X-Feature-Id` / `X-Target-Feature-Id` let the "
+        "next click skip the upload; `X-Query-Cell` is `row,col`."),
+    dependencies=[only_query("x", "y", "format", "overlay", "alpha", "iterations", "feature_id", "target_id")],
+    openapi_extra=multipart_doc({"image": "source image (or feature_id)", "target": "optional target image"},
+                                {"feature_id": "id from an earlier response instead of `image`",
+                                 "target_id": "id instead of `target`"}, raw=True),
+    responses={200: {"content": {"image/png": {}, NPY: {}, "application/json": {}},
+                     "description": "heat map PNG (default), .npy map or JSON"}, **ERROR_RESPONSES},
+)
+async def similarity(
+    request: Request,
+    settings: SettingsDep,
+    pipeline: PipelineDep,
+    x: float = Query(..., description="point x in the ORIGINAL source image's pixels, 0 <= x < width",
+                     examples=[120.5]),
+    y: float = Query(..., description="point y in the ORIGINAL source image's pixels, 0 <= y < height",
+                     examples=[80.0]),
+    format: Literal["png", "npy", "json"] = Query("png", description="response encoding"),
+    overlay: bool = Query(True, description="png only: blend the heat map over the target image"),
+    alpha: float = Query(0.6, ge=0.0, le=1.0, description="png overlay opacity of the heat map"),
+    iterations: int | None = ITERATIONS_QUERY,
+    feature_id: str | None = Query(None, description="source features from an earlier response"),
+    target_id: str | None = Query(None, description="target features from an earlier response"),
+):
+    upload = await read_upload(request, settings, files={"image", "target"}, fields={"feature_id", "target_id"},
+                               raw_field="image")
+    data, fid = _pick(upload, request, "image", "feature_id")
+    target_data, target_fid = _pick(upload, request, "target", "target_id")
+    if data is None and not fid:
+        raise ServiceError(400, "missing_image", "send the source image (multipart 'image' or a raw image body) "
+                           "or the feature_id of an earlier response")
+    source = await _entry(pipeline, request, data, fid, iterations, "source")
+    k = source.iterations
+    target = source
+    if target_data is not None or target_fid:
+        target = await _entry(pipeline, request, target_data, target_fid, k if target_fid is None else None, "target")
+    try:
+        row, col = source.geometry.to_cell(x, y)
+    except ValueError as exc:
+        raise ServiceError(422, "point_outside_image", str(exc)) from None
+    sim = similarity_map(source.features[:, row, col], target.features)
+    np.clip(sim, -1.0, 1.0, out=sim)
+    if target is source:
+        sim[row, col] = 1.0  # the exact value; the normalised dot product may round to 1 - 1e-7
+    headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"{row},{col}"}
+    if format == "npy":
+        return Response(encode_npy(sim), media_type=NPY, headers=headers)
+    if format == "json":
+        return JSONResponse({
+            "similarity": sim.tolist(), "shape": list(sim.shape),
+            "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(source.geometry.cell_center(row, col))},
+            "source": source.geometry.describe(), "target": target.geometry.describe(),
+            "feature_id": source.id, "target_feature_id": target.id,
+        }, headers=headers)
+    png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, settings.max_pixels)
+    return Response(png, media_type="image/png", headers=headers)
+
+
+def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha: float, max_pixels: int) -> bytes:
+    image = decode_image(target.image_bytes, max_pixels) if overlay else None
+    return encode_png(heatmap_png_image(sim, target.geometry, image, alpha))
+
+
+# -- match ------------------------------------------------------------------------------------------
+@router.post(
+    "/v1/match", tags=["match"], summary="Keypoint matches between two images",
+    description=(
+        "Mutual nearest neighbours on L2-normalised descriptors, best score first. Send multipart files "
+        "`image_a` and `image_b` (or `feature_id_a` / `feature_id_b`). Coordinates are feature-cell CENTRES "
+        "mapped to each ORIGINAL image's pixels. `json` (default): "
+        '`{"matches": [{"a": [x, y], "b": [x, y], "score": s}], "count", "image_a_size", "image_b_size", '
+        '"feature_id_a", "feature_id_b"}`; `png`: both images side by side with a line per match.'),
+    dependencies=[only_query("format", "max_matches", "min_score", "iterations", "feature_id_a", "feature_id_b")],
+    openapi_extra=multipart_doc({"image_a": "first image", "image_b": "second image"},
+                                {"feature_id_a": "id instead of image_a", "feature_id_b": "id instead of image_b"},
+                                raw=False),
+    responses={200: {"content": {"application/json": {}, "image/png": {}},
+                     "description": "matches as JSON (default) or a PNG drawing"}, **ERROR_RESPONSES},
+)
+async def match(
+    request: Request,
+    settings: SettingsDep,
+    pipeline: PipelineDep,
+    format: Literal["json", "png"] = Query("json", description="response encoding"),
+    max_matches: int = Query(200, ge=1, le=10000, description="keep at most this many (best first)"),
+    min_score: float = Query(0.0, ge=-1.0, le=1.0, description="drop matches with lower cosine similarity"),
+    iterations: int | None = ITERATIONS_QUERY,
+    feature_id_a: str | None = Query(None, description="features of image A from an earlier response"),
+    feature_id_b: str | None = Query(None, description="features of image B from an earlier response"),
+):
+    upload = await read_upload(request, settings, files={"image_a", "image_b"},
+                               fields={"feature_id_a", "feature_id_b"}, raw_field=None)
+    picks = [_pick(upload, request, "image_a", "feature_id_a"), _pick(upload, request, "image_b", "feature_id_b")]
+    for (data, fid), name in zip(picks, ("image_a", "image_b"), strict=True):
+        if data is None and not fid:
+            raise ServiceError(400, "missing_image", f"{name} is missing: send two multipart files 'image_a' and "
+                               "'image_b' (or feature_id_a / feature_id_b)")
+    a, b = await asyncio.gather(*(_entry(pipeline, request, data, fid, iterations, name)
+                                  for (data, fid), name in zip(picks, ("image_a", "image_b"), strict=True)))
+    (ra, ca), (rb, cb) = a.geometry.content_grid, b.geometry.content_grid
+    if ra * ca * rb * cb > MAX_MATCH_PAIRS:
+        raise ServiceError(422, "too_many_cells", f"{ra * ca} x {rb * cb} cells are too many to match at once; "
+                           "use fewer LiFT iterations")
+    # Only cells whose centres lie on the image take part (keep_aspect pads the bottom/right).
+    found = await asyncio.to_thread(mutual_nearest_neighbors, a.features[:, :ra, :ca], b.features[:, :rb, :cb],
+                                    max_matches, min_score)
+    points_a = a.geometry.cell_centers(np.array([m.row_a for m in found]), np.array([m.col_a for m in found]))
+    points_b = b.geometry.cell_centers(np.array([m.row_b for m in found]), np.array([m.col_b for m in found]))
+    scores = np.clip(np.array([m.score for m in found], dtype=np.float64), -1.0, 1.0)  # rounding can exceed 1
+    headers = {"X-Feature-Id-A": a.id, "X-Feature-Id-B": b.id}
+    if format == "png":
+        png = await asyncio.to_thread(_match_png, a, b, points_a, points_b, scores, settings.max_pixels)
+        return Response(png, media_type="image/png", headers=headers)
+    return JSONResponse({
+        "matches": [{"a": [float(pa[0]), float(pa[1])], "b": [float(pb[0]), float(pb[1])], "score": float(s)}
+                    for pa, pb, s in zip(points_a.reshape(-1, 2), points_b.reshape(-1, 2), scores, strict=True)],
+        "count": len(found),
+        "image_a_size": a.geometry.describe()["image_size"],
+        "image_b_size": b.geometry.describe()["image_size"],
+        "feature_id_a": a.id, "feature_id_b": b.id,
+    }, headers=headers)
+
+
+def _match_png(a: FeatureEntry, b: FeatureEntry, points_a, points_b, scores, max_pixels: int) -> bytes:
+    image_a, image_b = decode_image(a.image_bytes, max_pixels), decode_image(b.image_bytes, max_pixels)
+    return encode_png(match_png_image(image_a, image_b, points_a, points_b, scores))
+
+
+__all__ = ["router"]

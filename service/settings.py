@@ -1,0 +1,75 @@
+"""Service configuration: ``LIFT_*`` environment variables, read once by pydantic-settings.
+
+Every field below is one environment variable (``bundle`` <- ``LIFT_BUNDLE`` ...). The README's
+"Serve" section lists them with their defaults; ``lift serve`` flags override them. Routes receive
+the one :class:`Settings` object through the :func:`get_settings` dependency.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """What the service loads and how it serves it (env prefix ``LIFT_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LIFT_", extra="ignore", frozen=True)
+
+    bundle: Path | None = Field(None, description="bundle directory written by `lift export`")
+    demo: bool = Field(False, description="serve an untrained demo bundle (meaningless features)")
+    demo_dir: Path = Field(Path("~/.cache/lift-serve/demo-bundle").expanduser(),
+                           description="where the demo bundle is exported once and reused")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int = Field(8, ge=1, le=256, description="largest batch one ONNX Runtime call runs")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the first request waits for company")
+    max_queue: int = Field(64, ge=1, description="requests waiting for inference before answering 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="queue + inference time limit per image (504)")
+    batching: bool = Field(True, description="false = batch size 1 (for comparisons)")
+    cache_bytes: int = Field(256 * MIB, ge=0, description="feature cache budget in bytes (0 = no cache)")
+    max_upload_bytes: int = Field(20 * MIB, ge=1, description="largest request body in bytes (413)")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413)")
+    resize_policy: Literal["square", "keep_aspect"] = "square"
+    providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
+    intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")
+    inter_op_threads: int = Field(0, ge=0)
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = none")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("demo_dir", "bundle", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def provider_list(self) -> list[str]:
+        return [p.strip() for p in self.providers.split(",") if p.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.max_batch_size if self.batching else 1
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once (a FastAPI dependency).
+
+    ``create_app(settings)`` overrides this dependency with the settings it was given.
+    """
+    return Settings()
