@@ -7,7 +7,8 @@ stays free. Problems raise :class:`~service.errors.ServiceError` with the status
 * 415 ``not_an_image``: Pillow does not recognise the bytes as any image format;
 * 413 ``image_too_large``: the header declares more than ``max_pixels`` pixels (checked *before* the
   pixels are decompressed, so a small file declaring huge dimensions costs nothing);
-* 400 ``corrupt_image``: recognised but undecodable (e.g. a truncated JPEG).
+* 400 ``corrupt_image``: recognised (by Pillow, or by the format's leading bytes) but undecodable,
+  e.g. a truncated JPEG.
 
 Any Pillow mode becomes 8-bit RGB: EXIF orientation is applied first; 16-bit integer images
 (``I;16*``, and ``I`` taken as 16-bit) are scaled by 255/65535; float images (``F``) in [0, 1] are
@@ -30,6 +31,8 @@ from service.errors import ServiceError
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
+# Leading bytes of common formats: such a file that Pillow cannot open is damaged (400), not a non-image (415).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM", b"RIFF")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ServiceError(413, "image_too_large", f"the image declares more pixels than the limit of "
                            f"{max_pixels}; send a smaller image") from None
     except Exception:
+        if data.startswith(_SIGNATURES):
+            raise ServiceError(400, "corrupt_image", "the file starts like an image but its header cannot be read; "
+                               "it is truncated or damaged — send the complete file") from None
         raise ServiceError(
             415, "not_an_image",
             f"the {len(data)} bytes sent are not an image format this server can read "

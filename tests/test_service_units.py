@@ -1,0 +1,246 @@
+"""Service parts that need no model: geometry, codec, cache, batcher, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.batcher import BatchTimeoutError, MicroBatcher, QueueFullError
+from service.cache import FeatureCache, FeatureEntry
+from service.codec import decode_image, read_header
+from service.errors import ServiceError
+from service.geometry import ImageGeometry, choose_input_size
+from service.settings import Settings
+
+SIZES = [(64, 64), (64, 96)]
+
+
+# -- geometry ---------------------------------------------------------------------------------------
+def test_choose_input_size_by_policy():
+    assert choose_input_size(150, 100, SIZES, "square") == (64, 96)  # aspect 1.5 = 96/64
+    assert choose_input_size(100, 100, SIZES, "square") == (64, 64)
+    assert choose_input_size(100, 300, SIZES, "square") == (64, 64)  # tall: the square is closer in aspect
+    # keep_aspect: the size the image fills most after an aspect-preserving scale
+    assert choose_input_size(200, 100, SIZES, "keep_aspect") == (64, 96)
+    assert choose_input_size(100, 300, SIZES, "keep_aspect") == (64, 64)
+    with pytest.raises(ValueError, match="resize policy"):
+        choose_input_size(10, 10, SIZES, "stretch")
+
+
+def test_square_geometry_maps_points_cells_and_back():
+    g = ImageGeometry.plan(150, 100, SIZES, "square", stride=8.0)
+    assert (g.input_height, g.input_width, g.grid_height, g.grid_width) == (64, 96, 8, 12)
+    assert g.content_grid == (8, 12)
+    # (75, 50) -> input (48, 32) -> cell row 4, col 6; the cell's centre is 52 input px = 81.25 original x
+    assert g.to_cell(75, 50) == (4, 6)
+    assert g.cell_center(4, 6) == pytest.approx((52 / 0.64, 36 / 0.64))
+    for x, y in [(0, 0), (149.9, 99.9), (33.3, 71.0)]:
+        row, col = g.to_cell(x, y)
+        cx, cy = g.cell_center(row, col)
+        # a point and the centre of its cell are less than half a cell apart, in original pixels
+        assert abs(cx - x) <= 0.5 * g.stride / g.scale_x + 1e-9
+        assert abs(cy - y) <= 0.5 * g.stride / g.scale_y + 1e-9
+    assert g.from_input(*g.to_input(12.5, 7.25)) == pytest.approx((12.5, 7.25))
+    np.testing.assert_allclose(g.cell_centers(np.array([4, 0]), np.array([6, 11])),
+                               [g.cell_center(4, 6), g.cell_center(0, 11)])
+    with pytest.raises(ValueError, match="150x100"):
+        g.to_cell(150, 10)
+    with pytest.raises(ValueError, match="outside"):
+        g.to_cell(-1, 10)
+
+
+def test_keep_aspect_pads_bottom_right_and_excludes_padding_cells():
+    g = ImageGeometry.plan(200, 50, SIZES, "keep_aspect", stride=8.0)  # scale 0.48 -> 96x24 content
+    assert (g.input_height, g.input_width) == (64, 96)
+    assert (g.content_width, g.content_height) == (96, 24)
+    assert g.content_grid == (3, 12)
+    assert g.content_box == (0.0, 0.0, 12.0, 3.0)
+    image = Image.new("RGB", (200, 50), (200, 100, 50))
+    pixels = g.prepare(image)
+    assert pixels.shape == (64, 96, 3) and pixels.dtype == np.uint8
+    assert (pixels[:24] == (200, 100, 50)).all() and (pixels[24:] == 0).all()
+    assert g.to_cell(199, 49) == (2, 11)
+
+
+# -- codec ------------------------------------------------------------------------------------------
+def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1"])
+def test_decode_any_mode_to_rgb(mode):
+    gradient = np.tile(np.linspace(0, 1, 32), (24, 1))
+    if mode == "I;16":
+        image = Image.fromarray((gradient * 65535).astype(np.uint16))
+        assert image.mode == "I;16"
+    elif mode == "I":
+        image = Image.fromarray((gradient * 65535).astype(np.int32))
+    elif mode == "F":
+        image = Image.fromarray(gradient.astype(np.float32))
+    else:
+        image = Image.fromarray((gradient * 255).astype(np.uint8)).convert(mode)
+    fmt = "TIFF" if mode in ("F", "I", "CMYK") else "PNG"
+    rgb = decode_image(_encode(image, fmt), max_pixels=10_000)
+    assert rgb.mode == "RGB" and rgb.size == (32, 24)
+    values = np.asarray(rgb)
+    if mode not in ("1", "P"):  # a gradient stays a gradient from dark to light
+        assert values[:, 0].mean() < 40 and values[:, -1].mean() > 215
+
+
+def test_alpha_is_composited_over_white():
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert (np.asarray(decode_image(_encode(image), 1000)) == 255).all()
+
+
+def test_exif_orientation_is_applied_before_sizes():
+    image = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    data = _encode(image, "JPEG", exif=exif)
+    header = read_header(data, 10_000)
+    assert (header.width, header.height) == (20, 40)
+    assert decode_image(data, 10_000).size == (20, 40)
+
+
+def _textured_jpeg() -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return _encode(Image.fromarray(pixels), "JPEG", quality=95)
+
+
+def test_decode_errors_have_statuses():
+    cases = {
+        b"": (400, "empty_image"),
+        b"certainly not an image": (415, "not_an_image"),
+        _encode(Image.new("RGB", (64, 64)), "JPEG")[:200]: (400, "corrupt_image"),  # header cut
+        _textured_jpeg()[:-600]: (400, "corrupt_image"),  # pixel data cut
+        _encode(Image.new("RGB", (200, 100))): (413, "image_too_large"),
+    }
+    for data, (status, code) in cases.items():
+        with pytest.raises(ServiceError) as info:
+            decode_image(data, max_pixels=10_000)
+        assert (info.value.status, info.value.code) == (status, code)
+
+
+# -- cache ------------------------------------------------------------------------------------------
+def _entry(name: str, floats: int) -> FeatureEntry:
+    g = ImageGeometry.plan(64, 64, SIZES, "square", 16.0)
+    return FeatureEntry(name, np.zeros(floats, np.float32), g, 0, b"")
+
+
+def test_cache_is_lru_bounded_by_bytes():
+    hits, misses = [], []
+    one = _entry("x", 1000).nbytes
+    cache = FeatureCache(3 * one, on_hit=lambda: hits.append(1), on_miss=lambda: misses.append(1))
+    for name in "abc":
+        assert cache.put(_entry(name, 1000))
+    assert cache.get("a") is not None  # a becomes most recent; b is now the oldest
+    cache.put(_entry("d", 1000))
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert cache.bytes_used <= 3 * one
+    assert cache.get("b") is None
+    assert (len(hits), len(misses)) == (1, 1)
+    assert not cache.put(_entry("huge", 10_000))  # larger than the whole budget: not stored
+    assert len(cache) == 3
+
+
+# -- batcher ----------------------------------------------------------------------------------------
+def _fake_run(calls):
+    def run(images, iterations):
+        calls.append((images.shape, iterations))
+        # features that identify their image: the mean pixel, as [B, 1, 1, 1]
+        return images.reshape(len(images), -1).mean(axis=1).reshape(-1, 1, 1, 1).astype(np.float32)
+    return run
+
+
+def test_batcher_groups_by_size_and_iterations_and_returns_each_result():
+    calls = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_run(calls), max_batch_size=4, max_wait_s=0.2, max_queue=32)
+        batcher.start()
+        images = [np.full((8, 8, 3), i, np.uint8) for i in range(6)] + [np.full((8, 16, 3), 9, np.uint8)]
+        jobs = [batcher.submit(img, 1) for img in images] + [batcher.submit(images[0], 0)]
+        results = await asyncio.gather(*jobs)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert [float(r.ravel()[0]) for r in results] == [0, 1, 2, 3, 4, 5, 9, 0]
+    assert sorted(calls) == sorted([((4, 8, 8, 3), 1), ((2, 8, 8, 3), 1), ((1, 8, 16, 3), 1), ((1, 8, 8, 3), 0)])
+
+
+def test_batcher_queue_bound_timeout_and_failures():
+    async def main():
+        batcher = MicroBatcher(_fake_run([]), max_batch_size=8, max_wait_s=0.3, max_queue=2, timeout_s=5)
+        batcher.start()
+        image = np.zeros((4, 4, 3), np.uint8)
+        first = [asyncio.ensure_future(batcher.submit(image, 0)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError) as info:
+            await batcher.submit(image, 0)
+        assert info.value.retry_after_s >= 1
+        await asyncio.gather(*first)
+        await batcher.stop()
+
+        slow = MicroBatcher(_fake_run([]), max_batch_size=8, max_wait_s=1.0, max_queue=4, timeout_s=0.05)
+        slow.start()
+        with pytest.raises(BatchTimeoutError):
+            await slow.submit(image, 0)
+        await slow.stop()
+
+        def broken(images, iterations):
+            raise RuntimeError("boom")
+
+        failing = MicroBatcher(broken, max_batch_size=2, max_wait_s=0.0, max_queue=4)
+        failing.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing.submit(image, 0)
+        with pytest.raises(RuntimeError, match="boom"):  # the worker survived the first failure
+            await failing.submit(image, 0)
+        await failing.stop()
+
+    asyncio.run(main())
+
+
+def test_batcher_drops_gone_clients_before_running():
+    calls = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_run(calls), max_batch_size=4, max_wait_s=0.05, max_queue=8)
+        batcher.start()
+
+        async def gone():
+            return True
+
+        from service.batcher import ClientGoneError
+
+        with pytest.raises(ClientGoneError):
+            await batcher.submit(np.zeros((4, 4, 3), np.uint8), 0, is_gone=gone)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == []
+
+
+# -- settings ---------------------------------------------------------------------------------------
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("LIFT_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("LIFT_BATCHING", "false")
+    monkeypatch.setenv("LIFT_PROVIDERS", "tensorrt, cuda,cpu")
+    monkeypatch.setenv("LIFT_CORS_ORIGINS", "http://a.example, http://b.example")
+    monkeypatch.setenv("LIFT_RESIZE_POLICY", "keep_aspect")
+    s = Settings()
+    assert s.max_batch_size == 16 and s.effective_batch_size == 1
+    assert s.provider_list == ["tensorrt", "cuda", "cpu"]
+    assert s.cors_origin_list == ["http://a.example", "http://b.example"]
+    assert s.resize_policy == "keep_aspect"
+    defaults = Settings(_env_file=None, **{})
+    monkeypatch.delenv("LIFT_MAX_BATCH_SIZE")
+    assert Settings().max_batch_size == 8 and defaults.port == 8000 and defaults.max_pixels == 40_000_000
+    assert str(Settings().demo_dir).endswith("lift-serve/demo-bundle")
