@@ -365,6 +365,11 @@ def export_bundle(
 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ExportError(f"checkpoint {checkpoint} does not exist; pass the path of a LiFT checkpoint")
+    if checkpoint is None and any(int(k) > 0 for k in lift_iterations):
+        raise ExportError(
+            f"LiFT iterations {sorted(lift_iterations)} need LiFT weights: pass --checkpoint (our .safetensors "
+            "or the authors' .pth), or --lift-iterations 0 for backbone features only"
+        )
     checkpoint_format = None if checkpoint is None else (
         "ours" if Path(checkpoint).suffix == ".safetensors" else "authors")
     if checkpoint_format == "authors" and spec is None:

@@ -1,0 +1,121 @@
+"""`lift export`: write an ONNX bundle (graphs + manifest.json) for the service.
+
+Torch is imported only inside :func:`run`, so ``lift --help`` works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+
+from model.options import OptionError, add_backbone_arguments, add_checkpoint_argument, backbone_spec_dict
+
+HELP = "export backbone + LiFT to an ONNX bundle (graphs + manifest) with parity measured against PyTorch"
+DEFAULT_OUT = "bundles/model"
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"224,448"`` -> squares ``[(224, 224), (448, 448)]``; ``"224x320"`` -> ``[(224, 320)]``
+    (height x width). Raises OptionError on anything else."""
+    sizes = []
+    for part in text.split(","):
+        match = _SIZE.match(part)
+        if not match:
+            raise OptionError(
+                f"--sizes: cannot read {part.strip()!r}; give comma-separated sizes, each N (an N x N square) "
+                "or HxW (height x width), e.g. --sizes 224,448 or --sizes 224x320"
+            )
+        height = int(match.group(1))
+        width = int(match.group(2) or height)
+        if height <= 0 or width <= 0:
+            raise OptionError(f"--sizes: {part.strip()!r} must be positive")
+        sizes.append((height, width))
+    return sizes
+
+
+def parse_iterations(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    problem = f"--lift-iterations must be comma-separated integers >= 0, e.g. 0,1,2; got {text!r}"
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OptionError(problem) from None
+    if not values or min(values) < 0:
+        raise OptionError(problem)
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_backbone_arguments(parser)
+    # No --backbone means: the sidecar of our checkpoint names it, else the default backbone.
+    parser.set_defaults(backbone=None)
+    for action in parser._actions:
+        if action.dest == "backbone":
+            action.help = ("timm model name, optionally with a pretrained tag (default: the one named in "
+                           "the sidecar of a .safetensors --checkpoint, else vit_small_patch16_224.dino)")
+    add_checkpoint_argument(parser)
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help="bundle directory to write; an existing bundle there is replaced atomically "
+                             "(default: %(default)s)")
+    parser.add_argument("--lift-iterations", default="1", metavar="K[,K...]",
+                        help="LiFT rounds; one graph per value, so the service can offer each (0 = backbone "
+                             "features only, 1 = 2x denser, 2 = 4x). Example: 0,1,2 (default: %(default)s)")
+    parser.add_argument("--default-iterations", type=int, default=None, metavar="K",
+                        help="iterations the service uses when a request does not say (default: 1 if "
+                             "exported, else the largest)")
+    parser.add_argument("--sizes", default="224", metavar="SIZES",
+                        help="input sizes the bundle supports, comma-separated; N is an N x N square, HxW is "
+                             "height H by width W, e.g. 224,448 or 224x320. Each must be a multiple of the "
+                             "patch size; each is verified against PyTorch (default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="fp16 halves weights and activations (for GPUs; output float16); parity must "
+                             "reach cosine 0.999 instead of 0.9999 (default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--demo", action="store_true",
+                        help="write the demo bundle instead (random ViT-S/16 + untrained LiFT, sizes 224 and "
+                             "448, iterations 0,1); other model options are ignored")
+
+
+def _spec(args: argparse.Namespace):
+    from model.backbone import DEFAULT_BACKBONE, BackboneSpec
+
+    if args.backbone is None:
+        if args.checkpoint is not None and args.checkpoint.endswith(".safetensors"):
+            return None  # the checkpoint's sidecar names the backbone
+        args.backbone = DEFAULT_BACKBONE
+    return BackboneSpec.from_dict(backbone_spec_dict(args))
+
+
+def _print_summary(out, manifest: dict) -> None:
+    print(f"bundle written to {out}")
+    print(f"  backbone {manifest['backbone']['timm_name']} ({manifest['backbone']['weights']}), "
+          f"channels {manifest['output']['channels']}, precision {manifest['onnx']['precision']}, "
+          f"opset {manifest['onnx']['opset']}")
+    print(f"  {'graph':<16}{'stride':>7}  {'size':<10}{'batch':>6}  {'max abs err':>12}  {'min cosine':>11}")
+    files = {g["iterations"]: g for g in manifest["graphs"]}
+    for case in manifest["parity"]["cases"]:
+        graph = files[case["iterations"]]
+        size = f"{case['size'][0]}x{case['size'][1]}"
+        print(f"  {graph['file']:<16}{graph['stride']:>7g}  {size:<10}{case['batch']:>6}  "
+              f"{case['max_abs_err']:>12.3g}  {case['min_cosine']:>11.7f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lift").setLevel(logging.INFO)
+    from model.export import export_bundle, export_demo_bundle
+    from service.bundle import read_manifest
+
+    if args.demo:
+        out = export_demo_bundle(args.out)
+    else:
+        out = export_bundle(
+            args.out, _spec(args), args.checkpoint, lift_iterations=parse_iterations(args.lift_iterations),
+            sizes=parse_sizes(args.sizes), precision=args.precision, opset=args.opset,
+            default_iterations=args.default_iterations,
+        )
+    _print_summary(out, read_manifest(out))
+    return 0

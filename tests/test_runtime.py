@@ -1,0 +1,210 @@
+"""Runtime side: loading, input checks, refusals of broken bundles, providers, and no torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bundle import sha256_file
+from service.runtime import BundleError, BundleRuntime, read_manifest, resolve_providers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    return BundleRuntime(tiny_bundle, providers=["cpu"], intra_op_threads=1)
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    """A private copy of the tiny bundle to damage."""
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+def edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_attributes_and_geometry(runtime):
+    assert runtime.sizes == [(64, 64), (64, 96)]
+    assert runtime.iterations == [0, 1] and runtime.default_iterations == 1
+    assert (runtime.channels, runtime.patch_size, runtime.demo) == (32, 16, False)
+    assert runtime.active_providers == ["CPUExecutionProvider"]
+    assert runtime.stride() == 8.0 and runtime.stride(0) == 16.0
+    assert runtime.feature_size(64, 96) == (8, 12) and runtime.feature_size(64, 96, 0) == (4, 6)
+    out = runtime.run(np.zeros((2, 64, 96, 3), np.uint8))
+    assert out.shape == (2, 32, 8, 12) and out.dtype == np.float32
+    assert runtime.describe()["strides"] == {"0": 16.0, "1": 8.0}
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((1, 64, 64, 3), np.float32), "must be uint8 pixels 0..255, found dtype float32"),
+    (np.zeros((64, 64, 3), np.uint8), r"shape \[B,H,W,3\] .* found \[64, 64, 3\]"),
+    (np.zeros((1, 3, 64, 64), np.uint8), r"found \[1, 3, 64, 64\]"),
+    (np.zeros((1, 32, 32, 3), np.uint8), "32x32 .* not supported .* supported: 64x64, 64x96"),
+    (np.zeros((1, 96, 64, 3), np.uint8), "96x64 .*not supported"),  # height x width, not transposed
+    ([[1, 2, 3]], "numpy array"),
+])
+def test_run_rejects_bad_input_naming_expected_and_found(runtime, images, message):
+    with pytest.raises(ValueError, match=message):
+        runtime.run(images)
+
+
+def test_run_rejects_iterations_not_offered(runtime):
+    with pytest.raises(ValueError, match=r"LiFT iterations 2 not offered .* \[0, 1\]"):
+        runtime.run(np.zeros((1, 64, 64, 3), np.uint8), iterations=2)
+
+
+def test_concurrent_runs_agree_with_sequential(runtime):
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (1, 64, 96, 3), dtype=np.uint8) for _ in range(6)]
+    sequential = [runtime.run(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(runtime.run, batches))
+    for a, b in zip(sequential, concurrent, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(sequential[0], sequential[1])  # different inputs give different features
+
+
+def test_missing_bundle_dir(tmp_path):
+    with pytest.raises(BundleError, match="bundle directory .*nowhere does not exist.*lift export"):
+        BundleRuntime(tmp_path / "nowhere")
+
+
+def test_missing_manifest(bundle_copy):
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        BundleRuntime(bundle_copy)
+
+
+def test_manifest_not_json(bundle_copy):
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_manifest(bundle_copy)
+
+
+@pytest.mark.parametrize("section, field", [
+    ("input", "sizes"), ("output", "channels"), ("backbone", "patch_size"), ("onnx", "opset"), ("lift", "iterations"),
+])
+def test_manifest_missing_field(bundle_copy, section, field):
+    edit_manifest(bundle_copy, lambda m: m[section].pop(field))
+    with pytest.raises(BundleError, match=f"lacks field '{section}.{field}'.*lift export"):
+        BundleRuntime(bundle_copy)
+
+
+def test_manifest_wrong_type_and_inconsistency(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["input"].update(sizes="224"))
+    with pytest.raises(BundleError, match="'input.sizes' must be list, found str"):
+        read_manifest(bundle_copy)
+    edit_manifest(bundle_copy, lambda m: m["input"].update(sizes=[[64, 64]], multiple=16) or m["graphs"][1].update(
+        stride=16.0))
+    with pytest.raises(BundleError, match="stride 16.0 but 1 LiFT rounds on patch 16 give 8.0"):
+        read_manifest(bundle_copy)
+
+
+def test_manifest_input_name_disagrees_with_graph(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["input"].update(name="pixels"))
+    with pytest.raises(BundleError, match=r"takes inputs \['image'\], but the manifest says one input 'pixels'"):
+        BundleRuntime(bundle_copy)
+
+
+def test_manifest_output_name_disagrees_with_graph(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["output"].update(name="descriptors"))
+    with pytest.raises(BundleError, match=r"has outputs \['features'\], but the manifest names 'descriptors'"):
+        BundleRuntime(bundle_copy)
+
+
+def test_manifest_channels_disagree_with_graph(bundle_copy):
+    def claim_64(m):
+        m["output"]["channels"] = 64
+        m["backbone"]["embed_dim"] = 64
+
+    edit_manifest(bundle_copy, claim_64)
+    with pytest.raises(BundleError, match="has 32 channels, the manifest says 64"):
+        BundleRuntime(bundle_copy)
+
+
+def test_manifest_dtype_disagrees_with_graph(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["output"].update(dtype="float16") or m["onnx"].update(precision="fp16"))
+    with pytest.raises(BundleError, match=r"is tensor\(float\) .* manifest expects float16"):
+        BundleRuntime(bundle_copy)
+
+
+def test_missing_graph_file(bundle_copy):
+    (bundle_copy / "model_k1.onnx").unlink()
+    with pytest.raises(BundleError, match="model_k1.onnx listed in the manifest is missing"):
+        BundleRuntime(bundle_copy)
+
+
+def test_truncated_graph_refused_by_checksum(bundle_copy):
+    path = bundle_copy / "model_k0.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BundleError, match="model_k0.onnx has sha256 .* truncated"):
+        BundleRuntime(bundle_copy)
+
+
+def test_truncated_graph_refused_by_onnxruntime_even_with_matching_checksum(bundle_copy):
+    path = bundle_copy / "model_k0.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    edit_manifest(bundle_copy, lambda m: m["graphs"][0].update(sha256=sha256_file(path)))
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load .*model_k0.onnx"):
+        BundleRuntime(bundle_copy)
+
+
+def test_providers_fall_back_to_cpu_with_reasons(caplog):
+    with caplog.at_level(logging.INFO, logger="lift.runtime"):
+        chosen = resolve_providers(["tensorrt", "cuda", "cpu"], ["CPUExecutionProvider"])
+    assert chosen == ["CPUExecutionProvider"]
+    assert "provider tensorrt skipped: not available" in caplog.text
+    assert "provider cuda skipped: not available" in caplog.text
+    assert resolve_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    # TensorRT is opt-in: the default preference never includes it.
+    assert resolve_providers(("cuda", "cpu"), ["TensorrtExecutionProvider", "CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"]
+    with pytest.raises(BundleError, match="unknown execution provider 'gpu'"):
+        resolve_providers(["gpu"], ["CPUExecutionProvider"])
+
+
+def test_runtime_logs_active_provider_and_rejects_bad_options(tiny_bundle, caplog):
+    with caplog.at_level(logging.INFO, logger="lift.runtime"):
+        BundleRuntime(tiny_bundle, warmup=False, graph_optimization="basic", inter_op_threads=1)
+    assert "runs on CPUExecutionProvider" in caplog.text
+    with pytest.raises(BundleError, match="graph_optimization must be one of"):
+        BundleRuntime(tiny_bundle, graph_optimization="max")
+    with pytest.raises(BundleError, match="intra_op_threads must be an integer >= 0"):
+        BundleRuntime(tiny_bundle, intra_op_threads=-1)
+
+
+def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, runtime):
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    np.save(tiny_bundle.parent / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None   # any `import torch` now raises ImportError
+        sys.modules["timm"] = None
+        import numpy as np
+        from service.runtime import BundleRuntime
+        runtime = BundleRuntime({str(tiny_bundle)!r})
+        out = runtime.run(np.load({str(tiny_bundle.parent / "images.npy")!r}), 0)
+        np.save({str(tiny_bundle.parent / "out.npy")!r}, out)
+        print("ok", out.shape, "torch" in sys.modules and sys.modules["torch"] is not None)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok (2, 32, 4, 6) False"
+    np.testing.assert_array_equal(np.load(tiny_bundle.parent / "out.npy"), runtime.run(images, 0))
