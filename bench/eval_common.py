@@ -184,7 +184,7 @@ class TorchFeatureSource:
 
         def features(image: np.ndarray) -> np.ndarray:
             extractor.preprocessing.check_size(*image.shape[:2])
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+            pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)[None]  # copy: inputs may be read-only
             with torch.inference_mode():
                 return extractor(extractor.preprocessing.normalize(pixels))[0].float().numpy()
 

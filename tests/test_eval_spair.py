@@ -1,0 +1,134 @@
+"""`lift eval spair` on a synthetic dataset in SPair-71k's on-disk layout.
+
+The fixture draws keypoint k as a square of colour PALETTE[k]; a planted "perfect" feature function
+finds those squares from pixels alone, so it scores 100 % only if the harness resizes, pads and maps
+keypoints consistently with the images it feeds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.eval_common import EvalError
+from bench.spair import PALETTE, PaddedSquare, evaluate_spair, make_synthetic_spair, read_spair_pairs
+from tests.conftest import tiny_spec_dict
+
+
+def palette_features(image: np.ndarray) -> np.ndarray:
+    """uint8 [S,S,3] -> [K+1,S,S]: one-hot K at a 3x3 plateau around each colour square's centroid."""
+    k_count = len(PALETTE)
+    size = image.shape[0]
+    features = np.zeros((k_count + 1, size, size), np.float32)
+    features[k_count] = 1.0  # background channel
+    for k, colour in enumerate(PALETTE):
+        mask = np.all(np.abs(image.astype(int) - colour) < 60, axis=-1)
+        if mask.sum() < 4:
+            continue
+        rows, cols = np.nonzero(mask)
+        r, c = int(round(rows.mean())), int(round(cols.mean()))
+        features[:, r - 1:r + 2, c - 1:c + 2] = 0.0
+        features[k, r - 1:r + 2, c - 1:c + 2] = 1.0
+    return features
+
+
+@pytest.fixture(scope="module")
+def spair_root(tmp_path_factory):
+    return make_synthetic_spair(tmp_path_factory.mktemp("spair"), categories=("cat", "dog"), pairs_per_category=2)
+
+
+def test_fixture_has_the_real_layout(spair_root):
+    files = sorted((spair_root / "PairAnnotation" / "test").glob("*.json"))
+    assert len(files) == 4
+    assert all(":" in f.stem for f in files)  # <id>-<src>-<trg>:<category>.json
+    data = json.loads(files[0].read_text())
+    for field in ("src_imname", "trg_imname", "category", "src_kps", "trg_kps", "kps_ids", "src_bndbox",
+                  "trg_bndbox", "src_imsize", "trg_imsize"):
+        assert field in data
+    assert (spair_root / "JPEGImages" / data["category"] / data["src_imname"]).is_file()
+    # one keypoint is invisible in the target: listed as null in its image annotation, absent from the pair
+    trg_ann = json.loads((spair_root / "ImageAnnotation" / data["category"]
+                          / data["trg_imname"].replace(".jpg", ".json")).read_text())
+    assert None in trg_ann["kps"].values()
+    assert len(data["src_kps"]) == len(PALETTE) - 1
+
+
+def test_perfect_matcher_scores_100_and_wrong_one_0(spair_root):
+    pairs = read_spair_pairs(spair_root, "test")
+    assert [len(p.src_kps) for p in pairs] == [5, 5, 5, 5]
+    perfect = evaluate_spair(pairs, palette_features, 224, progress=False)
+    for row in [*perfect["per_category"].values(), perfect["overall"], perfect["all_keypoints"]]:
+        assert (row["pck@0.1"], row["pck@0.05"], row["pck@0.01"]) == (100.0, 100.0, 100.0)
+    assert perfect["all_keypoints"]["keypoints"] == 20
+
+    def constant(image):  # every target pixel equally similar -> argmax is pixel (0, 0), far from all keypoints
+        return np.ones((8, 7, 7), np.float32)
+
+    wrong = evaluate_spair(pairs, constant, 224, progress=False)
+    assert (wrong["overall"]["pck@0.1"], wrong["overall"]["pck@0.05"], wrong["overall"]["pck@0.01"]) == (0, 0, 0)
+
+
+def test_known_offset_gives_known_pck(tmp_path):
+    """Shift one category's target annotations by 8 px: in the 224 frame that is 16 px, between
+    0.05 x 216 = 10.8 and 0.1 x 216 = 21.6 px, so that category scores 100 / 0 / 0."""
+    root = make_synthetic_spair(tmp_path, categories=("cat", "dog"), pairs_per_category=1)
+    for path in (root / "PairAnnotation" / "test").glob("*:dog.json"):
+        data = json.loads(path.read_text())
+        data["trg_kps"] = [[x + 8, y] for x, y in data["trg_kps"]]
+        path.write_text(json.dumps(data))
+    result = evaluate_spair(read_spair_pairs(root, "test"), palette_features, 224, progress=False)
+    dog, cat = result["per_category"]["dog"], result["per_category"]["cat"]
+    assert (dog["pck@0.1"], dog["pck@0.05"], dog["pck@0.01"]) == (100.0, 0.0, 0.0)
+    assert cat["pck@0.01"] == 100.0
+    assert result["overall"]["pck@0.05"] == pytest.approx(50.0)
+
+
+def test_null_keypoints_are_dropped_and_selection_is_seeded(tmp_path):
+    root = make_synthetic_spair(tmp_path, categories=("cat", "dog", "bus"), pairs_per_category=3)
+    path = sorted((root / "PairAnnotation" / "test").glob("*:bus.json"))[0]
+    data = json.loads(path.read_text())
+    data["src_kps"][0] = None
+    path.write_text(json.dumps(data))
+    pairs = read_spair_pairs(root, "test", categories=["bus"])
+    assert sorted(len(p.src_kps) for p in pairs) == [4, 5, 5]
+    first = read_spair_pairs(root, "test", max_pairs=2, seed=1)
+    assert [p.name for p in first] == [p.name for p in read_spair_pairs(root, "test", max_pairs=2, seed=1)]
+    assert len(first) == 6
+    with pytest.raises(EvalError, match="no pairs"):
+        read_spair_pairs(root, "test", categories=["horse"])
+    with pytest.raises(EvalError, match="PairAnnotation"):
+        read_spair_pairs(tmp_path / "missing", "test")
+
+
+def test_padded_square_geometry():
+    landscape = PaddedSquare.for_image(200, 100, 224)
+    assert (landscape.new_width, landscape.new_height, landscape.offset_x, landscape.offset_y) == (224, 112, 0, 56)
+    np.testing.assert_allclose(landscape.apply_coords([[100, 50]]), [[112, 112]])
+    portrait = PaddedSquare.for_image(50, 100, 224)
+    assert (portrait.offset_x, portrait.offset_y) == (56, 0)
+    assert portrait.apply_length(10) == pytest.approx(22.4)
+
+
+def test_cli_writes_json_and_plot(spair_root, tmp_path, tiny_lift):
+    from lift_cli import main
+    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
+
+    spec = tiny_spec_dict()
+    ckpt = save_lift_checkpoint(tmp_path / "lift.safetensors", tiny_lift,
+                                CheckpointMeta(backbone=spec, channels=32, patch_size=16,
+                                               mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
+    out = tmp_path / "spair.json"
+    code = main(["eval", "spair", "--root", str(spair_root), "--size", "64", "--mode", "lift",
+                 "--checkpoint", str(ckpt), "--categories", "cat", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["method"] == "lift:1"
+    assert set(report["results"]["per_category"]) == {"cat"}
+    assert report["results"]["all_keypoints"]["keypoints"] == 10
+    assert 0 <= report["results"]["overall"]["pck@0.1"] <= 100
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # a bad size is refused with a message, not a traceback
+    assert main(["eval", "spair", "--root", str(spair_root), "--size", "60", "--mode", "backbone",
+                 "--checkpoint", str(ckpt), "--out", str(out), "--no-plot", "--no-progress"]) == 2
