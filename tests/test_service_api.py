@@ -1,0 +1,299 @@
+"""Every endpoint of the service against the real tiny bundle (ONNX Runtime on CPU), in-process."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import blocks, encode, make_app, metric, noise, png_declaring, started_client
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    from service.runtime import BundleRuntime
+
+    return BundleRuntime(tiny_bundle, providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle, runtime):
+    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0)) as c:
+        yield c
+
+
+def _npy(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content), allow_pickle=False)
+
+
+def _ok_after(client) -> None:
+    """The server still answers a good request."""
+    r = client.post("/v1/features", content=encode(noise(64, 64, seed=99)), headers={"content-type": "image/png"})
+    assert r.status_code == 200
+
+
+# -- info -------------------------------------------------------------------------------------------
+def test_health_models_metrics_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    body = client.get("/v1/models").json()
+    assert body["demo"] is False and body["warning"] is None
+    model = body["model"]
+    assert model["channels"] == 32 and model["strides"] == {"0": 16.0, "1": 8.0}
+    assert model["input_sizes"] == [{"height": 64, "width": 64}, {"height": 64, "width": 96}]
+    assert model["providers"] == ["CPUExecutionProvider"]
+    assert body["parameters"]["iterations"] == {"allowed": [0, 1], "default": 1}
+    text = client.get("/metrics").text
+    for name in ("lift_requests_total", "lift_request_seconds_bucket", "lift_queue_depth", "lift_batch_size_bucket",
+                 "lift_inference_seconds_bucket", "lift_cache_hits_total", "lift_cache_misses_total"):
+        assert name in text
+    assert metric(text, 'lift_requests_total{endpoint="/v1/models",status="200"}') >= 1
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/features", "/v1/similarity", "/v1/match", "/v1/models"):
+        assert path in schema["paths"]
+    params = {p["name"]: p for p in schema["paths"]["/v1/similarity"]["post"]["parameters"]}
+    assert params["x"]["description"].startswith("point x in the ORIGINAL") and params["x"]["schema"]["examples"]
+    assert "multipart/form-data" in schema["paths"]["/v1/match"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_not_ready_until_loaded_and_missing_bundle_message(tiny_bundle, monkeypatch, capsys):
+    from fastapi.testclient import TestClient
+
+    import lift_cli
+    from service.app import create_app
+    from service.settings import Settings
+
+    unstarted = TestClient(create_app(Settings(bundle=tiny_bundle)))  # no lifespan: model never loaded
+    assert unstarted.get("/healthz").status_code == 200
+    r = unstarted.get("/readyz")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and r.headers["retry-after"]
+    r = unstarted.post("/v1/features", content=encode(noise(64, 64)), headers={"content-type": "image/png"})
+    assert r.status_code == 503
+
+    for name in ("LIFT_BUNDLE", "LIFT_DEMO"):
+        monkeypatch.delenv(name, raising=False)
+    assert lift_cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "lift export" in err and "--demo" in err and "Traceback" not in err
+    assert lift_cli.main(["serve", "--bundle", str(tiny_bundle.parent / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+# -- features ---------------------------------------------------------------------------------------
+def test_features_npy_equal_the_runtime_on_the_planned_input(client, runtime):
+    from service.codec import decode_image
+    from service.geometry import ImageGeometry
+
+    pixels = noise(100, 150, seed=3)
+    data = encode(pixels)
+    r = client.post("/v1/features", files={"image": ("a.png", data, "image/png")})
+    features = _npy(r)
+    assert features.shape == (32, 8, 12) and features.dtype == np.float32
+    assert r.headers["x-feature-shape"] == "32,8,12"
+    assert r.headers["x-feature-stride"] == "8"
+    assert r.headers["x-input-size"] == "64x96" and r.headers["x-image-size"] == "150x100"
+    geometry = ImageGeometry.plan(150, 100, runtime.sizes, "square", runtime.stride(1))
+    expected = runtime.run(geometry.prepare(decode_image(data, 10**6))[None], 1)[0]
+    np.testing.assert_array_equal(features, expected)
+
+    half = _npy(client.post("/v1/features?dtype=float16&iterations=0", content=data,
+                            headers={"content-type": "image/png"}))
+    assert half.dtype == np.float16 and half.shape == (32, 4, 6)
+    expected0 = runtime.run(geometry.prepare(decode_image(data, 10**6))[None], 0)[0]
+    np.testing.assert_allclose(half.astype(np.float32), expected0, rtol=1e-3, atol=1e-3)
+
+
+def test_features_several_images_json_and_cache(client):
+    a, b = encode(noise(64, 64, seed=4)), encode(noise(64, 64, seed=5))
+    r = client.post("/v1/features", files=[("image", ("a.png", a)), ("image", ("b.png", b))])
+    both = _npy(r)
+    assert both.shape == (2, 32, 8, 8)
+    ids = r.headers["x-feature-id"].split(",")
+    assert len(ids) == 2 and ids[0] != ids[1]
+    single = _npy(client.post("/v1/features", files={"image": ("b.png", b)}))
+    np.testing.assert_array_equal(both[1], single)
+
+    hits = metric(client.get("/metrics").text, "lift_cache_hits_total")
+    r = client.post("/v1/features?format=json", files={"image": ("a.png", a)})
+    item = r.json()["features"][0]
+    assert item["id"] == ids[0] and item["shape"] == [32, 8, 8] and item["stride"] == 8.0
+    assert item["image_size"] == {"width": 64, "height": 64}
+    np.testing.assert_allclose(np.array(item["data"], np.float32), both[0], rtol=1e-6)
+    assert metric(client.get("/metrics").text, "lift_cache_hits_total") == hits + 1
+
+    mixed = [("image", ("a.png", a)), ("image", ("w.png", encode(noise(64, 96))))]
+    r = client.post("/v1/features", files=mixed)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "mixed_input_sizes"
+    r = client.post("/v1/features?format=json", files=mixed)
+    assert [f["shape"] for f in r.json()["features"]] == [[32, 8, 8], [32, 8, 12]]
+
+
+# -- similarity -------------------------------------------------------------------------------------
+def _square_image(width=150, height=100, box=(60, 30, 90, 60)):
+    pixels = np.full((height, width, 3), 90, np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1, x0:x1] = 255
+    return pixels
+
+
+@pytest.mark.parametrize("policy", ["square", "keep_aspect"])
+def test_click_on_a_bright_square_lights_up_the_square(tiny_bundle, runtime, policy):
+    box = (60, 30, 90, 60)
+    data = encode(_square_image(box=box))
+    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0, resize_policy=policy)) as client:
+        r = client.post("/v1/similarity?x=75&y=45&overlay=false", files={"image": ("s.png", data)})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        heat = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.float64)
+        assert heat.shape == (100, 150, 3)  # at the original image's size
+        # The ramp's top (similarity 1) is yellow: highest red + green; its pixels must lie on the square.
+        warmth = heat[..., 0] + heat[..., 1] - heat[..., 2]
+        ys, xs = np.nonzero(warmth >= warmth.max() - 1e-9)
+        assert (box[0] <= xs).all() and (xs < box[2]).all() and (box[1] <= ys).all() and (ys < box[3]).all()
+
+        fid = r.headers["x-feature-id"]
+        row, col = map(int, r.headers["x-query-cell"].split(","))
+        sim = _npy(client.post(f"/v1/similarity?x=75&y=45&format=npy&feature_id={fid}"))
+        assert sim[row, col] == 1.0 and sim.max() == 1.0 and sim.min() >= -1.0
+        info = client.post(f"/v1/similarity?x=75&y=45&format=json&feature_id={fid}").json()
+        assert info["query"]["cell"] == [row, col]
+        cx, cy = info["query"]["cell_center"]
+        assert box[0] <= cx < box[2] and box[1] <= cy < box[3]
+        np.testing.assert_array_equal(np.array(info["similarity"], np.float32), sim)
+        blended = client.post(f"/v1/similarity?x=75&y=45&alpha=0.5&feature_id={fid}")
+        assert blended.status_code == 200 and Image.open(io.BytesIO(blended.content)).size == (150, 100)
+
+
+def test_cross_image_similarity_follows_a_rescaled_copy(client):
+    pixels = blocks(64, 96, seed=2)
+    big = np.asarray(Image.fromarray(pixels).resize((192, 128), Image.Resampling.NEAREST))
+    r = client.post("/v1/features", files={"image": ("big.png", encode(big))})
+    target_id = r.headers["x-feature-id"]
+    hits = 0
+    points = [(12, 12), (44, 20), (76, 36), (20, 52), (60, 44), (84, 12)]
+    for x, y in points:
+        r = client.post(f"/v1/similarity?x={x}&y={y}&format=json",
+                        files={"image": ("a.png", encode(pixels))}, data={"target_id": target_id})
+        body = r.json()
+        assert r.headers["x-target-feature-id"] == target_id
+        sim = np.array(body["similarity"])
+        assert sim.shape == (8, 12)
+        row, col = np.unravel_index(int(sim.argmax()), sim.shape)
+        stride_px = body["target"]["stride"] * 2  # target cells are 16 original pixels wide
+        tx, ty = (col + 0.5) * stride_px, (row + 0.5) * stride_px
+        ax, ay = body["query"]["cell_center"]
+        hits += abs(tx - 2 * ax) <= stride_px and abs(ty - 2 * ay) <= stride_px
+    assert hits >= len(points) - 1
+
+
+# -- match ------------------------------------------------------------------------------------------
+def _match(client, a: bytes, b: bytes, **params):
+    r = client.post("/v1/match", params=params, files={"image_a": ("a.png", a), "image_b": ("b.png", b)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_matches_on_a_shifted_copy_land_one_cell_away_at_most(client):
+    pixels = blocks(64, 96, seed=1)
+    shifted = np.roll(pixels, 16, axis=1)  # 16 px right; the right edge wraps to the left
+    body = _match(client, encode(pixels), encode(shifted), max_matches=60)
+    matches = body["matches"]
+    assert body["count"] == len(matches) >= 20
+    assert body["image_a_size"] == {"width": 96, "height": 64}
+    scores = [m["score"] for m in matches]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    inner = [m for m in matches if m["a"][0] + 16 < 96]
+    good = [abs(m["b"][0] - m["a"][0] - 16) <= 8 and abs(m["b"][1] - m["a"][1]) <= 8 for m in inner]
+    assert np.mean(good) >= 0.9
+    # coordinates are cell centres: 4 + 8k in a 96x64 image that is its own model input
+    assert all((m["a"][0] - 4) % 8 == 0 and (m["a"][1] - 4) % 8 == 0 for m in matches)
+    assert len(_match(client, encode(pixels), encode(shifted), max_matches=5)["matches"]) == 5
+    assert all(m["score"] >= 0.9 for m in _match(client, encode(pixels), encode(shifted), min_score=0.9)["matches"])
+
+
+def test_matches_on_a_rescaled_copy_map_back_to_each_original(client):
+    pixels = blocks(64, 96, seed=3)
+    big = np.asarray(Image.fromarray(pixels).resize((192, 128), Image.Resampling.NEAREST))
+    body = _match(client, encode(pixels), encode(big))
+    assert body["image_b_size"] == {"width": 192, "height": 128}
+    good = [abs(m["b"][0] - 2 * m["a"][0]) <= 16 and abs(m["b"][1] - 2 * m["a"][1]) <= 16 for m in body["matches"]]
+    assert len(good) >= 20 and np.mean(good) >= 0.9
+    r = client.post("/v1/match?format=png", data={"feature_id_a": body["feature_id_a"],
+                                                  "feature_id_b": body["feature_id_b"]})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (192 + 192, 128)  # side by side at the taller height
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def _cmyk_jpeg() -> bytes:
+    return encode(Image.fromarray(noise(64, 64)).convert("CMYK"), "JPEG")
+
+
+def _png16() -> bytes:
+    image = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
+    assert image.mode == "I;16"
+    return encode(image)
+
+
+def test_16_bit_and_cmyk_images_work(client):
+    for data in (_png16(), _cmyk_jpeg()):
+        assert _npy(client.post("/v1/features", files={"image": ("x", data)})).shape == (32, 8, 8)
+
+
+RAW = {"content-type": "image/png"}
+BAD_REQUESTS = [
+    ("empty body", dict(url="/v1/features", content=b"", headers=RAW), 400, "empty_body"),
+    ("no body, no type", dict(url="/v1/features"), 400, "empty_body"),
+    ("non-image bytes", dict(url="/v1/features", content=b"hello, world" * 10, headers=RAW), 415, "not_an_image"),
+    ("truncated jpeg", dict(url="/v1/features", files={"image": ("t.jpg", encode(noise(64, 64), "JPEG")[:-900])}),
+     400, "corrupt_image"),
+    ("bomb", dict(url="/v1/features", content=png_declaring(100_000, 100_000), headers=RAW), 413, "image_too_large"),
+    ("wrong content type", dict(url="/v1/features", content=b"x" * 20, headers={"content-type": "text/plain"}),
+     415, "unsupported_media_type"),
+    ("unknown query", dict(url="/v1/features?iteration=1", content=b"x", headers=RAW), 422, "unknown_parameter"),
+    ("unknown form field", dict(url="/v1/features", files={"picture": ("p.png", b"x")}), 422, "unknown_field"),
+    ("bad value", dict(url="/v1/features?format=xml", content=b"x", headers=RAW), 422, "invalid_parameter"),
+    ("iterations not offered", dict(url="/v1/features?iterations=3", content=encode(noise(64, 64)), headers=RAW),
+     422, "invalid_parameter"),
+    ("x outside", dict(url="/v1/similarity?x=150&y=10", files={"image": ("s.png", encode(noise(100, 150)))}),
+     422, "point_outside_image"),
+    ("y negative", dict(url="/v1/similarity?x=1&y=-0.5", files={"image": ("s.png", encode(noise(100, 150)))}),
+     422, "point_outside_image"),
+    ("missing x", dict(url="/v1/similarity?y=1", files={"image": ("s.png", encode(noise(64, 64)))}),
+     422, "invalid_parameter"),
+    ("alpha range", dict(url="/v1/similarity?x=1&y=1&alpha=2", files={"image": ("s.png", encode(noise(64, 64)))}),
+     422, "invalid_parameter"),
+    ("unknown feature id", dict(url="/v1/similarity?x=1&y=1&feature_id=0123-k1-sq-64x64"), 404, "unknown_feature_id"),
+    ("match without b", dict(url="/v1/match", files={"image_a": ("a.png", encode(noise(64, 64)))}),
+     400, "missing_image"),
+    ("match raw body", dict(url="/v1/match", content=encode(noise(64, 64)), headers=RAW), 415,
+     "unsupported_media_type"),
+    ("unknown route", dict(url="/v1/nothing"), 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("request_kwargs, status, code", [c[1:] for c in BAD_REQUESTS],
+                         ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_json_errors_and_the_server_goes_on(client, request_kwargs, status, code):
+    r = client.post(**request_kwargs)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    message = r.json()["error"]["message"]
+    assert message and "Traceback" not in message
+    if code == "point_outside_image":
+        assert "150x100" in message
+    _ok_after(client)
+
+
+def test_upload_over_the_byte_limit_is_413(tiny_bundle, runtime):
+    with started_client(make_app(tiny_bundle, runtime, max_upload_bytes=20_000)) as client:
+        big = encode(noise(128, 128))
+        assert len(big) > 20_000
+        for kwargs in (dict(content=big, headers=RAW), dict(files={"image": ("big.png", big)})):
+            r = client.post("/v1/features", **kwargs)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        # a streamed body without Content-Length is cut off too
+        r = client.post("/v1/features", content=iter([big[:15_000], big[15_000:]]), headers=RAW)
+        assert r.status_code == 413
+        _ok_after(client)
