@@ -369,6 +369,13 @@ class _Core:
         if target is not None:
             self.remember(target, iterations, response.headers.get("x-target-feature-id"))
 
+    def learn_match(self, response: httpx.Response, a: bytes | None, b: bytes | None,
+                    iterations: int | None) -> None:
+        if a is not None:
+            self.remember(a, iterations, response.headers.get("x-feature-id-a"))
+        if b is not None:
+            self.remember(b, iterations, response.headers.get("x-feature-id-b"))
+
     def similarity_result(self, response: httpx.Response, fmt: str) -> np.ndarray | bytes:
         return response.content if fmt == "png" else _load_npy(response)
 
@@ -518,9 +525,11 @@ class LiftClient:
 
     def _match(self, a, b, fmt, max_matches, min_score, iterations, fid_a, fid_b) -> httpx.Response:
         da, db = _optional_bytes(a), _optional_bytes(b)
-        return self._with_fresh_ids(
+        response = self._with_fresh_ids(
             lambda reuse: self._core.match_call(da, db, fid_a, fid_b, fmt, max_matches, min_score, iterations, reuse)
         )
+        self._core.learn_match(response, da, db, iterations)
+        return response
 
 
 class AsyncLiftClient:
@@ -621,6 +630,7 @@ class AsyncLiftClient:
             lambda reuse: self._core.match_call(da, db, feature_id_a, feature_id_b, "json", max_matches,
                                                 min_score, iterations, reuse)
         )
+        self._core.learn_match(response, da, db, iterations)
         return _matches(response)
 
     async def match_image(self, a: ImageInput | None, b: ImageInput | None, max_matches: int | None = None,
@@ -630,6 +640,7 @@ class AsyncLiftClient:
         response = await self._with_fresh_ids(
             lambda reuse: self._core.match_call(da, db, None, None, "png", max_matches, min_score, iterations, reuse)
         )
+        self._core.learn_match(response, da, db, iterations)
         return response.content
 
 

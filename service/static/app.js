@@ -135,8 +135,12 @@ function describeModel(models) {
   const name = typeof backbone === "string" ? backbone : backbone.name || backbone.timm_name || "ViT";
   const parts = [name];
   if (m.channels) parts.push(`${m.channels} channels`);
-  const sizes = m.sizes || (m.input && m.input.sizes);
-  if (Array.isArray(sizes) && sizes.length) parts.push(`inputs ${sizes.map((s) => s.join("×")).join(", ")}`);
+  const sizes = m.input_sizes || m.sizes || (m.input && m.input.sizes);
+  if (Array.isArray(sizes) && sizes.length) {
+    // [{height, width}] or [[height, width]]; shown as height×width, the bundle's convention.
+    const text = sizes.map((s) => (Array.isArray(s) ? s : [s.height, s.width]).join("×"));
+    parts.push(`input ${text.join(", ")}`);
+  }
   const providers = m.providers || m.active_providers;
   if (Array.isArray(providers) && providers.length) parts.push(`on ${providers.join(", ")}`);
   return parts.join(" · ");
@@ -384,6 +388,9 @@ async function showSimilarity({ slot, x, y }) {
 function bindStage(slot) {
   const stage = $(`stage-${slot}`);
   let dragging = false;
+  stage.addEventListener("click", () => {
+    if (!state.images[slot]) $(`file-${slot}`).click(); // an empty pane opens the file chooser
+  });
   stage.addEventListener("pointerdown", (event) => {
     if (!state.images[slot] || state.mode !== "similarity" || event.button > 0) return;
     dragging = true;
@@ -402,7 +409,10 @@ function bindStage(slot) {
   stage.addEventListener("keydown", (event) => {
     // Keyboard: Enter queries the centre, arrows move the last point by 2 % of the image.
     const image = state.images[slot];
-    if (!image) return;
+    if (!image) {
+      if (event.key === "Enter") $(`file-${slot}`).click();
+      return;
+    }
     const last = state.lastClick && state.lastClick.slot === slot ? state.lastClick : null;
     let x = last ? last.x : image.width / 2;
     let y = last ? last.y : image.height / 2;

@@ -1,0 +1,265 @@
+"""The click-a-point page in real headless Chromium (Debian's chromium + chromium-driver, Selenium).
+
+Starts the real app with the tiny bundle on 127.0.0.1, loads ``/``, uploads an image, clicks two
+points and checks that a similarity map appears over the image and differs between the clicks,
+that a second image gives cross-image maps and a matches drawing, that touch taps work, that the
+layout fits a phone-sized window, and that an API error is shown with the server's own message.
+
+The click -> map-on-screen latency the page measures (``performance.now()`` around the request and
+the map's decode, exposed as ``<body data-latency-ms>``) is printed; run with ``-s`` to see it.
+``LIFT_PAGE_SCREENSHOT=docs/page.png`` also saves a screenshot of the page after a click (how the
+README's screenshot is made). Nothing is installed or downloaded here: without Chromium the test
+is skipped with the reason (``scripts/test.sh`` installs it when run as root, as CI does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from live_server import live_server
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT_S = 20
+
+
+def _chromium_missing() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            return f"{path} is not installed (apt-get install chromium chromium-driver; test.sh does so as root)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_bundle):
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(bundle=tiny_bundle, providers="cpu", max_wait_ms=1))
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _chromium_missing()
+    if reason:
+        print(f"SKIP browser test: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="lift-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,860"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver, condition, message: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.02).until(lambda d: condition(d), message)
+
+
+def _picture(height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 [H, W, 3] with smooth gradients and flat shapes, so different points differ."""
+    from model.export import natural_image
+
+    return natural_image(height, width, seed=seed)
+
+
+def _save_png(array: np.ndarray, path: Path) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _maps(driver) -> int:
+    return int(driver.find_element("tag name", "body").get_attribute("data-maps") or 0)
+
+
+def _heat_pixels(driver, slot: str) -> str:
+    """The heat map as the page shows it, read back through a canvas (a data: URL)."""
+    return driver.execute_script(
+        """
+        const img = document.getElementById(arguments[0]);
+        const c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        c.getContext('2d').drawImage(img, 0, 0);
+        return c.toDataURL('image/png');
+        """,
+        f"heat-{slot}",
+    )
+
+
+def _click(driver, element, fx: float, fy: float) -> None:
+    """Mouse click at a fraction (fx, fy) of ``element``'s box (Selenium offsets are from its centre)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    rect = element.rect
+    ActionChains(driver).move_to_element_with_offset(
+        element, int((fx - 0.5) * rect["width"]), int((fy - 0.5) * rect["height"])
+    ).click().perform()
+
+
+def _click_and_wait(driver, element, fx: float, fy: float) -> float:
+    before = _maps(driver)
+    _click(driver, element, fx, fy)
+    _wait(driver, lambda d: _maps(d) > before and d.find_element("tag name", "body").get_attribute(
+        "data-state") == "idle", "no similarity map appeared after the click")
+    return float(driver.find_element("tag name", "body").get_attribute("data-latency-ms"))
+
+
+def _server_message(url: str, data: bytes) -> str:
+    response = httpx.post(f"{url}/v1/features", files={"image": ("notes.png", data, "image/png")})
+    assert response.status_code >= 400
+    return response.json()["error"]["message"]
+
+
+def test_click_a_point_page(server_url, browser, tmp_path):
+    driver = browser
+    driver.set_window_size(1280, 860)
+    driver.get(server_url + "/")
+    _wait(driver, lambda d: d.find_element("id", "iterations").find_elements("tag name", "option"),
+          "the page did not list the LiFT iterations from /v1/models")
+    assert "LiFT" in driver.title
+    assert driver.find_element("id", "demo-warning").get_attribute("hidden") is not None  # not a demo bundle
+    offered = [o.get_attribute("value") for o in driver.find_element("id", "iterations")
+               .find_elements("tag name", "option")]
+    assert offered == ["0", "1"]
+
+    # Upload an image; it is sent once and shown.
+    a = _save_png(_picture(120, 160, seed=1), tmp_path / "a.png")
+    driver.find_element("id", "file-a").send_keys(str(a))
+    stage = driver.find_element("id", "stage-a")
+    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    assert "160×120" in driver.find_element("id", "caption-a").text
+
+    # Two clicks at different points: a map appears each time, and the two maps differ.
+    latencies = [_click_and_wait(driver, stage, 0.2, 0.25)]
+    heat = driver.find_element("id", "heat-a")
+    assert heat.is_displayed()
+    assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", heat) == [160, 120]
+    first = _heat_pixels(driver, "a")
+    marker_first = driver.find_element("id", "marker-a").get_attribute("style")
+    latencies.append(_click_and_wait(driver, stage, 0.8, 0.7))
+    second = _heat_pixels(driver, "a")
+    assert second != first, "the similarity map did not change between two different clicks"
+    assert driver.find_element("id", "marker-a").get_attribute("style") != marker_first
+    # Re-clicks reuse the cached features: a few more for a latency figure.
+    for fx, fy in ((0.5, 0.5), (0.3, 0.8), (0.7, 0.2)):
+        latencies.append(_click_and_wait(driver, stage, fx, fy))
+    print(f"\nclick -> map latency in the browser (ms): {[round(v, 1) for v in latencies]}, "
+          f"median {statistics.median(latencies):.1f}")
+    assert all(0 < v < 5000 for v in latencies)
+
+    # Opacity acts on the shown map without a new request.
+    maps = _maps(driver)
+    driver.execute_script("const s = document.getElementById('opacity'); s.value = 25;"
+                          "s.dispatchEvent(new Event('input'));")
+    assert float(heat.value_of_css_property("opacity")) == pytest.approx(0.25, abs=0.01)
+    assert _maps(driver) == maps
+
+    shot = os.environ.get("LIFT_PAGE_SCREENSHOT")
+    if shot:
+        driver.execute_script("const s = document.getElementById('opacity'); s.value = 60;"
+                              "s.dispatchEvent(new Event('input'));")
+        _click_and_wait(driver, stage, 0.35, 0.4)
+        driver.save_screenshot(shot)
+
+    # Iterations 0: coarser map, same point, still works.
+    from selenium.webdriver.support.ui import Select
+
+    before = _maps(driver)
+    Select(driver.find_element("id", "iterations")).select_by_value("0")
+    _wait(driver, lambda d: _maps(d) > before, "changing LiFT iterations did not redraw the map")
+
+    # A second image: a click on the first shows the map over the second.
+    b = _save_png(_picture(96, 128, seed=2), tmp_path / "b.png")
+    driver.find_element("id", "file-b").send_keys(str(b))
+    stage_b = driver.find_element("id", "stage-b")
+    _wait(driver, lambda d: "empty" not in stage_b.get_attribute("class"), "the second image was not shown")
+    _click_and_wait(driver, stage, 0.5, 0.5)
+    assert driver.find_element("id", "heat-b").is_displayed()
+    assert not driver.find_element("id", "heat-a").is_displayed()
+    assert driver.execute_script("return document.getElementById('heat-b').naturalWidth") == 128
+
+    # Matches view: lines drawn from /v1/match.
+    driver.find_element("id", "tab-matches").click()
+    canvas = driver.find_element("id", "match-canvas")
+    _wait(driver, lambda d: int(canvas.get_attribute("data-matches") or 0) > 0, "no matches were drawn")
+    assert "matches" in driver.find_element("id", "match-info").text
+    driver.find_element("id", "tab-similarity").click()
+
+    # An API error is shown to the person, with the server's message.
+    junk = b"these are my notes, not a picture"
+    expected = _server_message(server_url, junk)
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(junk)
+    driver.find_element("id", "file-a").send_keys(str(bad))
+    error = driver.find_element("id", "error")
+    _wait(driver, lambda d: error.is_displayed(), "the API error was not shown")
+    assert expected in error.text
+    # Dismissable, and the page still works afterwards.
+    driver.find_element("id", "error-close").click()
+    assert not error.is_displayed()
+    driver.find_element("id", "file-a").send_keys(str(a))
+    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the page did not recover")
+    _click_and_wait(driver, stage, 0.4, 0.6)
+
+
+def test_touch_and_a_phone_sized_window(server_url, browser, tmp_path):
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+
+    driver = browser
+    driver.set_window_size(390, 844)
+    driver.get(server_url + "/")
+    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
+          "the page did not load")
+    a = _save_png(_picture(200, 150, seed=3), tmp_path / "tall.png")
+    driver.find_element("id", "file-a").send_keys(str(a))
+    stage = driver.find_element("id", "stage-a")
+    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    # Nothing wider than the phone's viewport.
+    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert stage.rect["width"] <= driver.execute_script("return window.innerWidth")
+
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", stage)
+    rect = driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                 "return [r.left, r.top, r.width, r.height]", stage)
+    before = _maps(driver)
+    actions = ActionBuilder(driver, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
+    actions.pointer_action.move_to_location(int(rect[0] + rect[2] * 0.3), int(rect[1] + rect[3] * 0.3))
+    actions.pointer_action.pointer_down().pause(0.05).pointer_up()
+    actions.perform()
+    _wait(driver, lambda d: _maps(d) > before, "a touch tap did not produce a map")
+    assert driver.find_element("id", "heat-a").is_displayed()
+
+
+def test_page_assets_are_served_without_a_network(server_url):
+    """Everything the page loads comes from this server (no CDN)."""
+    page = httpx.get(server_url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "http://" not in page.text and "https://" not in page.text
+    for asset in ("static/app.js", "static/app.css"):
+        response = httpx.get(f"{server_url}/{asset}")
+        assert response.status_code == 200, asset
+        assert "http://" not in response.text and "https://" not in response.text
