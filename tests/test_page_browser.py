@@ -216,6 +216,8 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     error = driver.find_element("id", "error")
     _wait(driver, lambda d: error.is_displayed(), "the API error was not shown")
     assert expected in error.text
+    # The image already shown stays (a failed upload replaces nothing).
+    assert "empty" not in stage.get_attribute("class") and "a.png" in driver.find_element("id", "caption-a").text
     # Dismissable, and the page still works afterwards.
     driver.find_element("id", "error-close").click()
     assert not error.is_displayed()

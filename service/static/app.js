@@ -23,6 +23,7 @@ const state = {
   mode: "similarity",
   images: { a: null, b: null }, // {file, url, width, height, ids: {iterations: featureId}}
   inflight: false,
+  loading: 0, // uploads under way
   pending: null, // the latest point asked for while a request was in flight
   lastClick: null, // {slot, x, y}
   matches: null,
@@ -197,49 +198,70 @@ function loadLocalImage(url) {
 
 async function setImage(slot, file) {
   clearError();
-  const previous = state.images[slot];
-  if (previous) URL.revokeObjectURL(previous.url);
-  state.images[slot] = null;
-  clearMaps();
-  const stage = $(`stage-${slot}`);
-  stage.classList.add("empty");
-  $(`base-${slot}`).removeAttribute("src");
-  $(`caption-${slot}`).textContent = "";
   if (!file) {
-    updateLayout();
+    dropImage(slot);
     return;
   }
   const url = URL.createObjectURL(file);
   const image = { file, url, width: 0, height: 0, ids: {} };
-  state.images[slot] = image;
-  $(`caption-${slot}`).textContent = `${file.name || "image"}: sending…`;
+  const caption = $(`caption-${slot}`);
+  const shown = caption.textContent;
+  caption.textContent = `${file.name || "image"}: sending…`;
+  state.loading = (state.loading || 0) + 1;
   setBusy(true);
   try {
-    // The server is the judge of what is an image: send first, so its error message is the one shown.
+    // The server is the judge of what is an image: send first, so its error message is the one shown,
+    // and the image on screen (if any) stays until the new one is accepted.
     await register(image);
-    if (state.images[slot] !== image) return; // replaced meanwhile
+    let src = url;
     try {
       const local = await loadLocalImage(url);
       image.width = image.width || local.naturalWidth;
       image.height = image.height || local.naturalHeight;
     } catch (_) {
-      // The server decoded it but this browser cannot show it (e.g. TIFF): the maps still work
-      // over a blank stage of the right shape.
+      // The server decoded it but this browser cannot show it (e.g. TIFF): maps still work over a
+      // grey stand-in of the right shape.
+      src = standIn(image.width, image.height);
     }
-    $(`base-${slot}`).src = url;
-    stage.classList.remove("empty");
-    $(`caption-${slot}`).textContent = `${file.name || "image"} · ${image.width}×${image.height} px`;
-    setStatus(slot === "a" ? "Click or drag on the image." : "Click either image: the map shows on the other.");
+    dropImage(slot);
+    state.images[slot] = image;
+    $(`base-${slot}`).src = src;
+    $(`stage-${slot}`).classList.remove("empty");
+    caption.textContent = `${file.name || "image"} · ${image.width}×${image.height} px`;
+    setStatus(state.images[otherSlot(slot)] ? "Click either image: the map shows on the other."
+      : "Click or drag on the image.");
   } catch (err) {
-    state.images[slot] = null;
     URL.revokeObjectURL(url);
-    $(`caption-${slot}`).textContent = "";
+    caption.textContent = shown;
     showError(err);
   } finally {
-    setBusy(false);
+    state.loading -= 1;
+    if (!state.loading && !state.inflight) setBusy(false);
     updateLayout();
   }
   if (state.mode === "matches") runMatches();
+}
+
+function dropImage(slot) {
+  const previous = state.images[slot];
+  if (previous) URL.revokeObjectURL(previous.url);
+  state.images[slot] = null;
+  clearMaps();
+  $(`stage-${slot}`).classList.add("empty");
+  $(`base-${slot}`).removeAttribute("src");
+  $(`caption-${slot}`).textContent = "";
+  updateLayout();
+}
+
+function standIn(width, height) {
+  const canvas = document.createElement("canvas");
+  const scale = Math.min(1, 800 / Math.max(width, height));
+  canvas.width = Math.max(1, Math.round(width * scale));
+  canvas.height = Math.max(1, Math.round(height * scale));
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#9aa3b2";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/png");
 }
 
 async function register(image) {
@@ -346,7 +368,7 @@ async function drainPoints() {
     }
   }
   state.inflight = false;
-  setBusy(false);
+  if (!state.loading) setBusy(false);
 }
 
 async function showSimilarity({ slot, x, y }) {
@@ -553,6 +575,9 @@ function setMode(mode) {
   $("view-similarity").hidden = mode !== "similarity";
   $("view-matches").hidden = mode !== "matches";
   $("match-controls").hidden = mode !== "matches";
+  $("match-hint").hidden = mode !== "matches";
+  $("hint").hidden = mode === "matches";
+  $("legend").hidden = mode === "matches";
   if (mode === "matches") runMatches();
 }
 
