@@ -13,4 +13,9 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 bash scripts/setup.sh
+# Deployment: the Docker images' install steps and resolved requirements (docker/ci-check.sh);
+# on full runs only (no arguments), as in CI, since it installs a throwaway venv (~1 min).
+if [ $# -eq 0 ]; then
+    bash docker/ci-check.sh
+fi
 .venv/bin/python -m pytest -q "$@"
