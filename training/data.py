@@ -108,10 +108,11 @@ def load_square_image(path: Path, imsize: int) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """Square RGB images in [0, 1].
+    """Square RGB images.
 
-    Each item is ``(image, skipped)``: image is a float32 tensor [3, imsize, imsize] (RGB, 0..1,
-    not normalised: the trainer normalises with the backbone's mean/std on the device) and
+    Each item is ``(image, skipped)``: image is a uint8 tensor [3, imsize, imsize] (RGB 0..255;
+    uint8 keeps worker-to-trainer transfers small, and the trainer converts and normalises with the
+    backbone's mean/std on the device, see ``Preprocessing.normalize``) and
     ``skipped`` is a list of path strings that failed to decode and were replaced.
     """
 
@@ -144,24 +145,24 @@ class ImageFolderDataset(Dataset):
                 skipped.append(str(path))
         else:
             raise DataError("none of the images in the folder could be decoded")
-        tensor = pil_to_tensor(image).float().div_(255.0)
         if self.augment:
-            tensor = self._jitter(tensor, index)
-        return tensor, skipped
+            image = self._jitter(image, index)
+        return pil_to_tensor(image), skipped
 
-    def _jitter(self, image: torch.Tensor, index: int) -> torch.Tensor:
+    def _jitter(self, image: Image.Image, index: int) -> Image.Image:
         from torchvision.transforms import ColorJitter
 
         jitter = ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER, hue=JITTER)
         with torch.random.fork_rng(devices=[]):
             # ColorJitter draws from torch's global RNG; seed it per sample so the draw depends only
-            # on (seed, epoch, index), not on worker count or on what ran before.
+            # on (seed, epoch, index), not on worker count or on what ran before. It runs on the PIL
+            # image (uint8 in, uint8 out), which is cheaper than on float tensors.
             torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
-            return jitter(image).clamp_(0.0, 1.0)
+            return jitter(image)
 
 
 def collate_images(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
-    """Stack a batch: ([B,3,S,S] float32, list of skipped paths)."""
+    """Stack a batch: ([B,3,S,S] uint8, list of skipped paths)."""
     images = torch.stack([item[0] for item in batch])
     skipped = [path for item in batch for path in item[1]]
     return images, skipped

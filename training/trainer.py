@@ -310,7 +310,9 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images: [B,3,S,S] RGB in 0..1 (any device). Returns detached (loss, term x2, term x4)."""
+        """images: [B,3,S,S] RGB, uint8 0..255 or float 0..1, any device.
+
+        Returns detached (loss, term x/2->x, term x/4->x/2)."""
         images = self.preprocessing.normalize(images.to(self.device, non_blocking=True))
         with _autocast(self.precision, self.device):
             loss, (term_full, term_half) = reconstruction_loss(
