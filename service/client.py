@@ -249,22 +249,29 @@ def _ints(header: str | None, sep: str) -> tuple[int, ...] | None:
 def _features_result(response: httpx.Response) -> list[Features]:
     array = _load_npy(response)
     arrays = [array] if array.ndim == 3 else list(array)
-    ids = (response.headers.get("x-feature-id") or "").split(",")
+    # Several images: each header holds one comma-separated value per image, in request order.
+    ids = _split(response.headers.get("x-feature-id"))
+    input_sizes = _split(response.headers.get("x-input-size"))
+    image_sizes = _split(response.headers.get("x-image-size"))
     stride = response.headers.get("x-feature-stride")
-    input_hw = _ints(response.headers.get("x-input-size"), "x")
-    image_wh = _ints(response.headers.get("x-image-size"), "x")
     out = []
     for i, arr in enumerate(arrays):
+        input_hw = _ints(input_sizes[i] if i < len(input_sizes) else None, "x")
+        image_wh = _ints(image_sizes[i] if i < len(image_sizes) else None, "x")
         out.append(
             Features(
                 array=arr,
-                feature_id=ids[i].strip() if i < len(ids) and ids[i].strip() else None,
+                feature_id=ids[i] if i < len(ids) and ids[i] else None,
                 stride=float(stride) if stride else None,
                 input_size=input_hw if input_hw and len(input_hw) == 2 else None,  # type: ignore[arg-type]
                 image_size=image_wh if image_wh and len(image_wh) == 2 else None,  # type: ignore[arg-type]
             )
         )
     return out
+
+
+def _split(header: str | None) -> list[str]:
+    return [part.strip() for part in header.split(",")] if header else []
 
 
 def _matches(response: httpx.Response) -> list[Match]:

@@ -127,6 +127,18 @@ def test_several_images_in_one_request(client):
     assert not np.allclose(both[0], both[1])
 
 
+def test_each_image_of_a_batch_keeps_its_own_id_and_sizes(server_url):
+    from service.client import _features_result
+
+    a, b = png(textured(60, 80, seed=20)), png(textured(64, 96, seed=21))
+    response = httpx.post(f"{server_url}/v1/features", files=[("image", a), ("image", b)])
+    first, second = _features_result(response)
+    assert first.image_size == (80, 60) and second.image_size == (96, 64)
+    assert first.feature_id != second.feature_id
+    with LiftClient(server_url) as c:
+        assert c.extract(b).feature_id == second.feature_id  # same content, same id
+
+
 def test_extract_returns_the_mapping_info(client):
     result = client.extract(textured(60, 80, seed=5))
     assert result.feature_id
