@@ -34,7 +34,7 @@ WAIT_S = 20
 def _chromium_missing() -> str | None:
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
-            return f"{path} is not installed (apt-get install chromium chromium-driver; test.sh does so as root)"
+            return f"{path} is missing: apt-get install chromium chromium-driver (scripts/test.sh does, as root)"
     return None
 
 
