@@ -265,3 +265,37 @@ def test_page_assets_are_served_without_a_network(server_url):
         response = httpx.get(f"{server_url}/{asset}")
         assert response.status_code == 200, asset
         assert "http://" not in response.text and "https://" not in response.text
+
+
+class NotReadyAtFirst:
+    """ASGI wrapper: the first ``times`` GET /v1/models answer 503 not_ready, as while a model loads."""
+
+    def __init__(self, app, times: int):
+        self.app = app
+        self.times = times
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/models" and self.times > 0:
+            from starlette.responses import JSONResponse
+
+            self.times -= 1
+            body = {"error": {"code": "not_ready", "message": "the model is still loading; retry shortly"}}
+            return await JSONResponse(body, status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def test_page_waits_for_a_loading_model(tiny_bundle, browser):
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = NotReadyAtFirst(create_app(Settings(bundle=tiny_bundle, providers="cpu")), times=2)
+    with live_server(app) as url:
+        browser.set_window_size(1280, 860)
+        browser.get(url + "/")
+        _wait(browser, lambda d: "loading on the server" in d.find_element("id", "model-info").text,
+              "the page did not say that the model is loading")
+        _wait(browser, lambda d: d.find_element("id", "iterations").find_elements("tag name", "option"),
+              "the page did not recover once the model was ready")
+        assert app.times == 0
+        assert not browser.find_element("id", "error").is_displayed()
+        assert "vit_tiny" in browser.find_element("id", "model-info").text

@@ -63,7 +63,9 @@ async function api(path, options = {}) {
   } catch (_) {
     if (text) message = text.slice(0, 300);
   }
-  throw new ApiError(response.status, code, message);
+  const error = new ApiError(response.status, code, message);
+  error.retryAfter = Number(response.headers.get("Retry-After")) || null;
+  throw error;
 }
 
 function query(params) {
@@ -147,9 +149,25 @@ function describeModel(models) {
   return parts.join(" · ");
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function modelsWhenReady() {
+  // A server that is still loading (e.g. the first `lift serve --demo` exports its bundle) answers
+  // 503 not_ready with Retry-After: wait and ask again rather than leave a dead page.
+  for (;;) {
+    try {
+      return await (await api("v1/models")).json();
+    } catch (err) {
+      if (err.status !== 503 || err.code !== "not_ready") throw err;
+      $("model-info").textContent = "the model is loading on the server; waiting…";
+      await sleep(Math.min(Math.max(err.retryAfter || 2, 1), 10) * 1000);
+    }
+  }
+}
+
 async function loadModels() {
   try {
-    const models = await (await api("v1/models")).json();
+    const models = await modelsWhenReady();
     state.models = models;
     $("model-info").textContent = describeModel(models);
     if (models.warning) {
