@@ -9,6 +9,7 @@ so a cache hit answers bit-identically to a miss (float16 responses are cast per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.geometry import ImageGeometry
+from service.matching import cell_norms
 
 
 def content_hash(data: bytes) -> str:
@@ -47,9 +49,16 @@ class FeatureEntry:
     iterations: int
     image_bytes: bytes
 
+    @functools.cached_property
+    def cell_norms(self) -> np.ndarray:
+        """``[grid_height, grid_width]`` descriptor norms, computed once so a click is one dot product."""
+        return cell_norms(self.features)
+
     @property
     def nbytes(self) -> int:
-        return int(self.features.nbytes) + len(self.image_bytes) + 512  # + rough object overhead
+        # features + uploaded file + the norms + rough object overhead
+        size = int(self.features.nbytes)
+        return size + size // max(1, self.features.shape[0]) + len(self.image_bytes) + 1024
 
 
 class FeatureCache:

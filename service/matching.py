@@ -85,19 +85,28 @@ def mutual_nearest_neighbors(
     ]
 
 
-def similarity_map(query: np.ndarray, features: np.ndarray) -> np.ndarray:
+def similarity_map(query: np.ndarray, features: np.ndarray, feature_norms: np.ndarray | None = None) -> np.ndarray:
     """Cosine similarity of one descriptor to every cell.
 
     Args:
         query: [C] descriptor.
         features: [C, H, W] descriptors.
+        feature_norms: optional [H, W] L2 norms of ``features`` over C (:func:`cell_norms`), so that
+            repeated queries on the same map skip normalising all of it.
 
     Returns:
         [H, W] float32 in [-1, 1].
     """
     q = l2_normalize(np.asarray(query, dtype=np.float32).reshape(-1), axis=0)
-    f = l2_normalize(features, axis=0)
-    return np.tensordot(q, f, axes=(0, 0)).astype(np.float32)
+    if feature_norms is None:
+        return np.tensordot(q, l2_normalize(features, axis=0), axes=(0, 0)).astype(np.float32)
+    dots = np.tensordot(q, np.asarray(features, dtype=np.float32), axes=(0, 0))
+    return (dots / np.maximum(feature_norms, 1e-12)).astype(np.float32)
+
+
+def cell_norms(features: np.ndarray) -> np.ndarray:
+    """[C, H, W] -> [H, W] float32 L2 norms over channels (for :func:`similarity_map`)."""
+    return np.linalg.norm(np.asarray(features, dtype=np.float32), axis=0)
 
 
 def bilinear_descriptor(features: np.ndarray, row: float, col: float) -> np.ndarray:

@@ -22,11 +22,18 @@ _RAMP_COLOURS = np.array([
 ], dtype=np.float64)
 
 
+def _palette() -> bytes:
+    return colourize(np.linspace(0.0, 1.0, 256)).tobytes()
+
+
 def colourize(values: np.ndarray) -> np.ndarray:
     """``[H, W]`` values in [0, 1] -> ``[H, W, 3]`` uint8 RGB on the ramp above."""
     v = np.clip(values, 0.0, 1.0)
     channels = [np.interp(v, _RAMP_POSITIONS, _RAMP_COLOURS[:, c]) for c in range(3)]
     return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+_PALETTE = _palette()  # 256 RGB entries of the ramp, for palette PNGs
 
 
 def map_to_image(sim: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
@@ -41,21 +48,24 @@ def map_to_image(sim: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
 
 def heatmap_png_image(sim: np.ndarray, geometry: ImageGeometry, image: Image.Image | None,
                       alpha: float) -> Image.Image:
-    """The similarity map as an RGB picture at the original image's size.
+    """The similarity map as a picture at the original image's size.
 
-    Colours span the map's own range (lowest similarity -> dark blue, the queried point's 1 -> yellow),
-    so the structure stays visible whatever the absolute values. With ``image`` given the colours are
-    blended over it: ``alpha`` * heat + (1 - ``alpha``) * image.
+    Colours span the map's own range over the image's cells (lowest similarity -> dark blue, the
+    queried point's 1 -> yellow), quantised to 256 levels, so the structure stays visible whatever the
+    absolute values. Without ``image``: a palette (``P``) image, which encodes to PNG about three
+    times faster than RGB. With ``image``: RGB, ``alpha`` * heat + (1 - ``alpha``) * image.
     """
     full = map_to_image(sim, geometry)
     rows, cols = geometry.content_grid
     lo, hi = float(sim[:rows, :cols].min()), float(sim[:rows, :cols].max())
-    heat = colourize((full - lo) / (hi - lo) if hi > lo else np.ones_like(full))
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    levels = np.clip(np.rint((full - lo) * scale), 0, 255).astype(np.uint8) if scale else np.full(full.shape, 255,
+                                                                                                   np.uint8)
+    heat = Image.frombytes("P", (geometry.width, geometry.height), levels.tobytes())
+    heat.putpalette(_PALETTE)
     if image is None:
-        return Image.fromarray(heat)
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    blended = alpha * heat.astype(np.float32) + (1.0 - alpha) * base
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+        return heat
+    return Image.blend(image.convert("RGB"), heat.convert("RGB"), alpha)
 
 
 def match_png_image(image_a: Image.Image, image_b: Image.Image, points_a: np.ndarray, points_b: np.ndarray,

@@ -249,7 +249,7 @@ async def models(state: StateDep, pipeline: PipelineDep):
             "iterations": {"allowed": runtime.iterations, "default": runtime.default_iterations},
             "features.format": ["npy", "json"], "features.dtype": ["float32", "float16"],
             "similarity.format": ["png", "npy", "json"], "similarity.alpha": {"min": 0.0, "max": 1.0, "default": 0.6},
-            "similarity.overlay": {"default": True},
+            "similarity.overlay": {"default": False},
             "match.format": ["json", "png"], "match.max_matches": {"min": 1, "max": 10000, "default": 200},
             "match.min_score": {"min": -1.0, "max": 1.0, "default": 0.0},
             "max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
@@ -356,7 +356,8 @@ async def similarity(
     y: float = Query(..., description="point y in the ORIGINAL source image's pixels, 0 <= y < height",
                      examples=[80.0]),
     format: Literal["png", "npy", "json"] = Query("png", description="response encoding"),
-    overlay: bool = Query(True, description="png only: blend the heat map over the target image"),
+    overlay: bool = Query(False, description="png only: blend the heat map over the target image (slower: an "
+                          "RGB PNG of the photo instead of a palette PNG)"),
     alpha: float = Query(0.6, ge=0.0, le=1.0, description="png overlay opacity of the heat map"),
     iterations: int | None = ITERATIONS_QUERY,
     feature_id: str | None = Query(None, description="source features from an earlier response"),
@@ -378,7 +379,7 @@ async def similarity(
         row, col = source.geometry.to_cell(x, y)
     except ValueError as exc:
         raise ServiceError(422, "point_outside_image", str(exc)) from None
-    sim = similarity_map(source.features[:, row, col], target.features)
+    sim = similarity_map(source.features[:, row, col], target.features, target.cell_norms)
     np.clip(sim, -1.0, 1.0, out=sim)
     if target is source:
         sim[row, col] = 1.0  # the exact value; the normalised dot product may round to 1 - 1e-7

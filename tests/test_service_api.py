@@ -162,7 +162,7 @@ def test_click_on_a_bright_square_lights_up_the_square(tiny_bundle, runtime, pol
         cx, cy = info["query"]["cell_center"]
         assert box[0] <= cx < box[2] and box[1] <= cy < box[3]
         np.testing.assert_array_equal(np.array(info["similarity"], np.float32), sim)
-        blended = client.post(f"/v1/similarity?x=75&y=45&alpha=0.5&feature_id={fid}")
+        blended = client.post(f"/v1/similarity?x=75&y=45&overlay=true&alpha=0.5&feature_id={fid}")
         assert blended.status_code == 200 and Image.open(io.BytesIO(blended.content)).size == (150, 100)
 
 
@@ -297,3 +297,14 @@ def test_upload_over_the_byte_limit_is_413(tiny_bundle, runtime):
         r = client.post("/v1/features", content=iter([big[:15_000], big[15_000:]]), headers=RAW)
         assert r.status_code == 413
         _ok_after(client)
+
+
+def test_page_and_cors(tiny_bundle, runtime, client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert client.get("/static/app.js").status_code == 200
+    assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "http://x.example"}).headers
+    with started_client(make_app(tiny_bundle, runtime, cors_origins="http://x.example")) as cors:
+        r = cors.post("/v1/features", content=encode(noise(64, 64)), headers={**RAW, "Origin": "http://x.example"})
+        assert r.headers["access-control-allow-origin"] == "http://x.example"
+        assert "X-Feature-Id" in r.headers["access-control-expose-headers"]

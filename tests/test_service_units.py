@@ -244,3 +244,13 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.delenv("LIFT_MAX_BATCH_SIZE")
     assert Settings().max_batch_size == 8 and defaults.port == 8000 and defaults.max_pixels == 40_000_000
     assert str(Settings().demo_dir).endswith("lift-serve/demo-bundle")
+
+
+def test_similarity_with_cached_norms_equals_the_plain_computation():
+    from service.matching import cell_norms, similarity_map
+
+    features = np.random.default_rng(0).standard_normal((16, 5, 7)).astype(np.float32)
+    query = features[:, 2, 3]
+    fast = similarity_map(query, features, cell_norms(features))
+    np.testing.assert_allclose(fast, similarity_map(query, features), atol=1e-6)
+    assert abs(fast[2, 3] - 1) < 1e-6 and fast.max() <= 1 + 1e-6

@@ -1,0 +1,320 @@
+"""`lift bench serve`: the HTTP service under load, batching on versus off, and cached clicks.
+
+What one run does, all on this machine:
+
+1. **Raw model throughput**: the bundle's ``BundleRuntime.run`` on ``--size`` inputs at batch sizes
+   1, 2, 4, 8, 16 (median of ``--raw-repeats`` calls each, after one warm-up); the best images/s is
+   the reference. Measured before any server starts, so nothing competes with it.
+2. **Service throughput**: for batching on, then off (``LIFT_BATCHING``), ``lift serve`` is started
+   as a subprocess on 127.0.0.1 (free port) and driven by 1, 4, 16 concurrent clients (asyncio +
+   httpx, one connection each), ``--requests`` ``POST /v1/features`` each. Every request carries a
+   distinct JPEG (``--size`` square, so no resizing), so the feature cache never answers: each one
+   is decoded, batched and run. Reported: images/s, p50/p99 latency, and the mean batch size from
+   the server's own ``lift_batch_size`` histogram.
+3. **Cached click**: with batching on, one image is uploaded to ``/v1/similarity`` once, then
+   ``--clicks`` clicks at random points send only its feature id; p50/p99 latency for the default
+   PNG heat map (overlay on) and for the ``npy`` map.
+
+The bundle is ``--bundle`` or, by default, the demo bundle (ViT-S/16 at 224 and 448, random weights,
+untrained LiFT; speed does not depend on the weights), exported once with torch and reused.
+JSON goes to ``--out``; a table is printed. Targets from the service issue: at 16 clients with
+batching >= 90 % of the raw batched throughput; cached click p50 <= 15 ms at 224.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HELP = "benchmark `lift serve`: 1/4/16 clients, batching on vs off, raw model throughput, cached clicks"
+DEFAULT_OUT = "runs/bench_serve.json"
+RAW_BATCHES = (1, 2, 4, 8, 16)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", default=None, metavar="DIR",
+                        help="bundle to serve (default: the demo bundle, exported once to --demo-dir)")
+    parser.add_argument("--demo-dir", default=None, metavar="DIR",
+                        help="demo bundle cache (default: LIFT_DEMO_DIR or ~/.cache/lift-serve/demo-bundle)")
+    parser.add_argument("--size", type=int, default=224, help="square image size; must be a bundle size (224)")
+    parser.add_argument("--iterations", type=int, default=None, help="LiFT iterations (default: the bundle's)")
+    parser.add_argument("--concurrency", default="1,4,16", help="client counts (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per client count (default: 64)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="LIFT_MAX_BATCH_SIZE with batching on")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="LIFT_MAX_WAIT_MS (default: 5)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="features dtype asked")
+    parser.add_argument("--clicks", type=int, default=200, help="cached clicks timed (default: 200)")
+    parser.add_argument("--raw-repeats", type=int, default=5, help="timed raw calls per batch size (default: 5)")
+    parser.add_argument("--providers", default="cpu", help="LIFT_PROVIDERS for both raw and served (default: cpu)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
+
+
+class BenchError(ValueError):
+    user_facing = True
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def synthetic_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
+    """``count`` distinct photo-like JPEGs (smooth colour fields + texture), ``size`` x ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), np.int16)
+        texture = rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(smooth + texture, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# -- raw model -----------------------------------------------------------------------------------------
+def measure_raw(bundle: Path, size: int, iterations: int | None, providers: str, repeats: int) -> dict:
+    import numpy as np
+
+    from service.runtime import BundleRuntime
+
+    runtime = BundleRuntime(bundle, providers=providers)
+    if (size, size) not in runtime.sizes:
+        raise BenchError(f"--size {size} is not one of the bundle's sizes {runtime.sizes}")
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in RAW_BATCHES:
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        runtime.run(images, iterations)
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runtime.run(images, iterations)
+            seconds.append(time.perf_counter() - started)
+        median = statistics.median(seconds)
+        rows.append({"batch": batch, "median_batch_ms": 1000 * median, "images_per_s": batch / median})
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {"by_batch": rows, "best_batch": best["batch"], "best_images_per_s": best["images_per_s"],
+            "providers": runtime.active_providers,
+            "iterations": runtime.default_iterations if iterations is None else iterations}
+
+
+# -- server --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``lift serve`` in a subprocess on 127.0.0.1; always stopped by ``__exit__``."""
+
+    def __init__(self, bundle: Path, env: dict[str, str]):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="lift-bench-serve-", suffix=".log", delete=False)
+        command = [sys.executable, "-c", "import lift_cli, sys; sys.exit(lift_cli.main())", "serve",
+                   "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                        cwd=Path(__file__).resolve().parents[1])
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"the server exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise BenchError(f"the server was not ready within {timeout_s} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-2000:]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def _drive(url: str, images: list[bytes], concurrency: int, params: dict) -> dict:
+    """``len(images)`` feature requests from ``concurrency`` clients; latencies and server batch sizes."""
+    import httpx
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    queue = list(reversed(images))
+
+    async def client_loop(client):
+        while queue:
+            data = queue.pop()
+            started = time.perf_counter()
+            r = await client.post("/v1/features", params=params, content=data, headers={"content-type": "image/jpeg"})
+            latencies.append(time.perf_counter() - started)
+            if r.status_code != 200:
+                failures.append(f"{r.status_code} {r.text[:200]}")
+            else:
+                r.content  # noqa: B018 - the body is part of the cost a client pays
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        before = (await client.get("/metrics")).text
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+        after = (await client.get("/metrics")).text
+    batches = _metric(after, "lift_batch_size_count") - _metric(before, "lift_batch_size_count")
+    batched_images = _metric(after, "lift_batch_size_sum") - _metric(before, "lift_batch_size_sum")
+    if failures:
+        raise BenchError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    return {"concurrency": concurrency, "requests": len(images), "seconds": wall,
+            "images_per_s": len(images) / wall,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+            "mean_batch_size": batched_images / batches if batches else None}
+
+
+async def _clicks(url: str, image: bytes, size: int, count: int, iterations: int | None) -> dict:
+    import httpx
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = {} if iterations is None else {"iterations": iterations}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        first = await client.post("/v1/similarity", params={"x": size / 2, "y": size / 2, **base},
+                                  files={"image": ("click.jpg", image, "image/jpeg")})
+        if first.status_code != 200:
+            raise BenchError(f"similarity failed: {first.status_code} {first.text[:200]}")
+        fid = first.headers["x-feature-id"]
+        out = {}
+        for fmt in ("png", "npy"):
+            latencies = []
+            for _ in range(count):
+                x, y = rng.uniform(0, size, 2)
+                started = time.perf_counter()
+                r = await client.post("/v1/similarity", params={"x": x, "y": y, "format": fmt, "feature_id": fid})
+                latencies.append(time.perf_counter() - started)
+                if r.status_code != 200:
+                    raise BenchError(f"cached click failed: {r.status_code} {r.text[:200]}")
+            out[fmt] = {"clicks": count, "p50_ms": 1000 * percentile(latencies, 50),
+                        "p99_ms": 1000 * percentile(latencies, 99)}
+        hits = _metric((await client.get("/metrics")).text, "lift_cache_hits_total")
+    out["cache_hits"] = hits
+    return out
+
+
+def _serve_and_measure(bundle: Path, batching: bool, args, levels: list[int], images: list[bytes]) -> dict:
+    env = {"LIFT_BATCHING": "true" if batching else "false", "LIFT_MAX_BATCH_SIZE": str(args.max_batch_size),
+           "LIFT_MAX_WAIT_MS": str(args.max_wait_ms), "LIFT_PROVIDERS": args.providers,
+           "LIFT_MAX_QUEUE": str(max(64, 4 * max(levels)))}
+    params = {"dtype": args.dtype}
+    if args.iterations is not None:
+        params["iterations"] = args.iterations
+    with ServerProcess(bundle, env) as server:
+        server.wait_ready()
+        asyncio.run(_drive(server.url, images[-8:], min(4, max(levels)), params))  # warm-up, not timed
+        rows = []
+        offset = 0
+        for level in levels:
+            chunk = images[offset:offset + args.requests]
+            offset += args.requests
+            rows.append(asyncio.run(_drive(server.url, chunk, level, params)))
+            print(f"  batching={'on' if batching else 'off'} clients={level}: {rows[-1]['images_per_s']:.1f} img/s",
+                  flush=True)
+        clicks = asyncio.run(_clicks(server.url, images[-1], args.size, args.clicks, args.iterations)) \
+            if batching else None
+    return {"batching": batching, "env": env, "levels": rows, "clicks": clicks}
+
+
+def _table(result: dict) -> str:
+    raw = result["raw"]["best_images_per_s"]
+    by_batch = ", ".join(f"b{r['batch']}={r['images_per_s']:.1f}" for r in result["raw"]["by_batch"])
+    lines = [f"raw model: {raw:.1f} img/s at batch {result['raw']['best_batch']} ({by_batch})",
+             "| batching | clients | img/s | % of raw | p50 ms | p99 ms | mean batch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in result["service"]:
+        for row in run["levels"]:
+            mean = f"{row['mean_batch_size']:.2f}" if row["mean_batch_size"] else "-"
+            mode = "on" if run["batching"] else "off"
+            lines.append(f"| {mode} | {row['concurrency']} | {row['images_per_s']:.1f} | "
+                         f"{100 * row['images_per_s'] / raw:.0f} % | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                         f"{mean} |")
+    clicks = result["clicks"]
+    lines.append(f"cached click at {result['size']}: png p50 {clicks['png']['p50_ms']:.1f} ms, p99 "
+                 f"{clicks['png']['p99_ms']:.1f} ms; npy p50 {clicks['npy']['p50_ms']:.1f} ms, p99 "
+                 f"{clicks['npy']['p99_ms']:.1f} ms")
+    for name, target in result["targets"].items():
+        verdict = "MET" if target["met"] else "MISSED"
+        lines.append(f"target {name}: {target['value']:.1f} vs {target['goal']} -> {verdict}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    if not levels or min(levels) < 1 or args.requests < 1:
+        raise BenchError("--concurrency must list positive integers and --requests must be >= 1")
+    bundle = Path(args.bundle) if args.bundle else None
+    if bundle is None:
+        from model.export import default_demo_dir, export_demo_bundle
+
+        bundle = export_demo_bundle(Path(args.demo_dir) if args.demo_dir else default_demo_dir())
+    print(f"raw model throughput ({bundle}) ...", flush=True)
+    raw = measure_raw(bundle, args.size, args.iterations, args.providers, args.raw_repeats)
+    images = synthetic_jpegs(args.requests * len(levels) + 8, args.size)
+    service = [_serve_and_measure(bundle, batching, args, levels, images) for batching in (True, False)]
+    batched_16 = next((r for r in service[0]["levels"] if r["concurrency"] == max(levels)), None)
+    clicks = service[0]["clicks"]
+    result = {
+        "bundle": str(bundle), "size": args.size, "iterations": raw["iterations"], "dtype": args.dtype,
+        "requests_per_level": args.requests, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "raw": raw, "service": service, "clicks": clicks,
+        "targets": {
+            f"throughput at {max(levels)} clients with batching, % of raw": {
+                "value": 100 * batched_16["images_per_s"] / raw["best_images_per_s"], "goal": ">= 90",
+                "met": batched_16["images_per_s"] >= 0.9 * raw["best_images_per_s"]},
+            f"cached click p50 ms at {args.size} (png)": {
+                "value": clicks["png"]["p50_ms"], "goal": "<= 15", "met": clicks["png"]["p50_ms"] <= 15},
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(_table(result))
+    print(f"wrote {out}")
+    return 0
