@@ -94,13 +94,13 @@ def _print_summary(out, manifest: dict) -> None:
     print(f"  backbone {manifest['backbone']['timm_name']} ({manifest['backbone']['weights']}), "
           f"channels {manifest['output']['channels']}, precision {manifest['onnx']['precision']}, "
           f"opset {manifest['onnx']['opset']}")
-    print(f"  {'graph':<16}{'stride':>7}  {'size':<10}{'batch':>6}  {'max abs err':>12}  {'min cosine':>11}")
+    print(f"  {'graph':<16}{'stride':>7}  {'size':<10}{'batch':>6}  {'max abs err':>12}  {'min cosine':>13}")
     files = {g["iterations"]: g for g in manifest["graphs"]}
     for case in manifest["parity"]["cases"]:
         graph = files[case["iterations"]]
         size = f"{case['size'][0]}x{case['size'][1]}"
         print(f"  {graph['file']:<16}{graph['stride']:>7g}  {size:<10}{case['batch']:>6}  "
-              f"{case['max_abs_err']:>12.3g}  {case['min_cosine']:>11.7f}")
+              f"{case['max_abs_err']:>12.3g}  {case['min_cosine']:>13.9f}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,195 @@
+"""`lift bench export`: PyTorch eager DenseExtractor versus the ONNX Runtime bundle.
+
+Model: ViT-S/16 (``vit_small_patch16_224``, random weights, seed 0, key facet of the last block)
+with an untrained LiFT: exactly the demo bundle (``model.export.export_demo_bundle``), which is
+exported once and reused. Speed does not depend on the weights' values.
+
+For every size (224, 448), batch (1, 8) and LiFT iteration count (0 = backbone only, 1 = +LiFT)
+both engines run the same function, uint8 ``[B, H, W, 3]`` pixels -> features, normalisation
+included. Each configuration gets one untimed warm-up call per engine, then ``--repeats`` timed
+calls alternating PyTorch and ORT, so that load from other processes hits both alike; the
+median is reported. Both use all cores by default (``torch.get_num_threads()``, ORT intra-op 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+HELP = "benchmark PyTorch eager vs the ONNX Runtime bundle (ViT-S/16 +/- LiFT, batch 1/8, 224/448)"
+DEFAULT_OUT = "runs/bench_export.json"
+DEFAULT_BUNDLE = "runs/bench_export_bundle"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
+    parser.add_argument("--bundle", default=DEFAULT_BUNDLE,
+                        help="where the ViT-S/16 bundle is exported once and reused (default: %(default)s)")
+    parser.add_argument("--sizes", default="224,448", help="square input sizes (default: %(default)s)")
+    parser.add_argument("--batches", default="1,8", help="batch sizes (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per engine and setting; the median is reported (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for both engines; 0 = all cores (default: %(default)s)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what the table and ratios use: wall-clock time, or this process's CPU time "
+                             "(robust when other processes share the cores; meaningful with --threads 1). "
+                             "Both are always recorded in the JSON (default: %(default)s)")
+    parser.add_argument("--graph-optimization", default="all", choices=("disable", "basic", "extended", "all"),
+                        help="ONNX Runtime graph optimisation level (default: %(default)s)")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from model.options import OptionError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise OptionError(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _row(engine, k, size, batch, samples: list[tuple[float, float]], clock: str) -> dict:
+    wall = [s[0] for s in samples]
+    cpu = [s[1] for s in samples]
+    median = statistics.median(wall if clock == "wall" else cpu)
+    return {"engine": engine, "iterations": k, "size": size, "batch": batch, "repeats": len(samples),
+            "clock": clock, "wall_seconds": wall, "cpu_seconds": cpu, "median_batch_ms": 1000 * median,
+            "ms_per_image": 1000 * median / batch, "images_per_s": batch / median}
+
+
+def _measure(graphs, runtime, sizes, batches, repeats, clock) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from model.export import natural_image
+
+    rows = []
+    for size in sizes:
+        for batch in batches:
+            images = np.stack([natural_image(size, size, seed=i) for i in range(batch)])
+            tensor = torch.from_numpy(images)
+            for k, graph in graphs.items():
+                def eager(graph=graph, tensor=tensor):
+                    with torch.inference_mode():
+                        graph(tensor)
+
+                def ort(k=k, images=images):
+                    runtime.run(images, k)
+
+                eager()
+                ort()
+                times = {"pytorch": [], "onnxruntime": []}
+                for _ in range(repeats):
+                    times["pytorch"].append(_timed(eager))
+                    times["onnxruntime"].append(_timed(ort))
+                for engine, seconds in times.items():
+                    rows.append(_row(engine, k, size, batch, seconds, clock))
+                    print(f"  {engine:<12} k={k} {size}px batch {batch}: {rows[-1]['ms_per_image']:.1f} ms/image",
+                          flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Ratios: ORT speed-up over PyTorch (per-image latency ratio) and LiFT's latency overhead."""
+    index = {(r["engine"], r["iterations"], r["size"], r["batch"]): r["ms_per_image"] for r in rows}
+    speedup, overhead = {}, {}
+    for engine, k, size, batch in index:
+        if engine == "pytorch" and ("onnxruntime", k, size, batch) in index:
+            key = f"k{k}_{size}_b{batch}"
+            speedup[key] = index[(engine, k, size, batch)] / index[("onnxruntime", k, size, batch)]
+        if k == 1 and (engine, 0, size, batch) in index:
+            base = index[(engine, 0, size, batch)]
+            overhead[f"{engine}_{size}_b{batch}"] = (index[(engine, 1, size, batch)] - base) / base
+    return {"ort_speedup_over_pytorch": speedup, "lift_latency_overhead": overhead}
+
+
+def print_table(rows: list[dict], summary: dict) -> None:
+    index = {(r["engine"], r["iterations"], r["size"], r["batch"]): r for r in rows}
+    keys = sorted({(r["size"], r["batch"], r["iterations"]) for r in rows})
+    print(f"\nper-image latency by {rows[0]['clock']} time (median); ORT/PyTorch = PyTorch latency / ORT latency")
+    print(f"{'size':>5} {'batch':>5} {'model':<12} {'PyTorch ms/img':>15} {'ORT ms/img':>11} "
+          f"{'PyTorch img/s':>14} {'ORT img/s':>10} {'ORT/PyTorch':>12}")
+    for size, batch, k in keys:
+        t, o = index[("pytorch", k, size, batch)], index[("onnxruntime", k, size, batch)]
+        name = "ViT-S/16" if k == 0 else f"+LiFT x{k}"
+        print(f"{size:>5} {batch:>5} {name:<12} {t['ms_per_image']:>15.1f} {o['ms_per_image']:>11.1f} "
+              f"{t['images_per_s']:>14.2f} {o['images_per_s']:>10.2f} "
+              f"{t['ms_per_image'] / o['ms_per_image']:>11.2f}x")
+    print("\nLiFT latency overhead over the backbone alone (k=1 vs k=0, per image):")
+    for key, value in sorted(summary["lift_latency_overhead"].items()):
+        print(f"  {key:<22} {100 * value:+6.1f} %")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from model.backbone import BackboneSpec, ViTBackbone
+    from model.export import DEMO_ITERATIONS, DEMO_LIFT_SEED, DEMO_SPEC, BundleGraph, export_demo_bundle
+    from model.extractor import DenseExtractor
+    from model.lift import LiFT
+    from service.runtime import BundleRuntime
+
+    sizes = _int_list(args.sizes, "--sizes")
+    batches = _int_list(args.batches, "--batches")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"bundle: {args.bundle} (exported once, then reused)", flush=True)
+    bundle = export_demo_bundle(args.bundle)
+    runtime = BundleRuntime(bundle, providers=["cpu"], intra_op_threads=args.threads,
+                            graph_optimization=args.graph_optimization, warmup=False)
+    unsupported = [s for s in sizes if (s, s) not in runtime.sizes]
+    if unsupported:
+        from model.options import OptionError
+
+        raise OptionError(f"--sizes {unsupported} not in the bundle's sizes {runtime.sizes}")
+    backbone = ViTBackbone.from_spec(BackboneSpec.from_dict(dict(DEMO_SPEC)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_LIFT_SEED)
+        lift = LiFT(backbone.embed_dim, backbone.patch_size).eval()
+    graphs = {k: BundleGraph(DenseExtractor(backbone, lift if k else None, k).eval()).eval() for k in DEMO_ITERATIONS}
+    print(f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads or 'all cores'}; "
+          f"repeats {args.repeats} (median of {args.clock} time), graph optimisation {args.graph_optimization}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    load_before = os.getloadavg()
+    rows = _measure(graphs, runtime, sizes, batches, args.repeats, args.clock)
+    load_after = os.getloadavg()
+    summary = summarise(rows)
+    print_table(rows, summary)
+    manifest = runtime.manifest
+    result = {
+        "model": "vit_small_patch16_224 (random, seed 0) + LiFT(384, 16) (untrained, seed 0)",
+        "config": {"sizes": sizes, "batches": batches, "repeats": args.repeats, "threads": args.threads,
+                   "torch_threads": torch.get_num_threads(), "graph_optimization": args.graph_optimization,
+                   "clock": args.clock, "load_average_1m_before_after": [load_before[0], load_after[0]],
+                   "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                   "providers": runtime.active_providers, "cpu_count": os.cpu_count(),
+                   "processor": platform.processor() or platform.machine(), "numpy": np.__version__},
+        "results": rows,
+        "summary": summary,
+        "parity": {k: manifest["parity"][k] for k in ("max_abs_err", "min_cosine", "cases")},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
+    print(f"\nparity (manifest): max abs err {manifest['parity']['max_abs_err']:.3g}, "
+          f"min cosine {manifest['parity']['min_cosine']:.7f}")
+    print(f"wrote {out}")
+    return 0
