@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="LiFT iterations (default: the bundle's)")
     parser.add_argument("--concurrency", default="1,4,16", help="client counts (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=64, help="requests per client count (default: 64)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="LIFT_MAX_BATCH_SIZE with batching on")
+    parser.add_argument("--max-batch-size", type=int, default=0,
+                        help="LIFT_MAX_BATCH_SIZE with batching on; 0 = the raw model's best batch size (default)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="LIFT_MAX_WAIT_MS (default: 5)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="features dtype asked")
     parser.add_argument("--clicks", type=int, default=200, help="cached clicks timed (default: 200)")
@@ -222,24 +223,27 @@ async def _clicks(url: str, image: bytes, size: int, count: int, iterations: int
             raise BenchError(f"similarity failed: {first.status_code} {first.text[:200]}")
         fid = first.headers["x-feature-id"]
         out = {}
-        for fmt in ("png", "npy"):
+        variants = {"png": {"format": "png"}, "png_overlay": {"format": "png", "overlay": "true"},
+                    "npy": {"format": "npy"}}
+        for name, variant in variants.items():
             latencies = []
             for _ in range(count):
                 x, y = rng.uniform(0, size, 2)
                 started = time.perf_counter()
-                r = await client.post("/v1/similarity", params={"x": x, "y": y, "format": fmt, "feature_id": fid})
+                r = await client.post("/v1/similarity", params={"x": x, "y": y, "feature_id": fid, **variant})
                 latencies.append(time.perf_counter() - started)
                 if r.status_code != 200:
                     raise BenchError(f"cached click failed: {r.status_code} {r.text[:200]}")
-            out[fmt] = {"clicks": count, "p50_ms": 1000 * percentile(latencies, 50),
+            out[name] = {"clicks": count, "p50_ms": 1000 * percentile(latencies, 50),
                         "p99_ms": 1000 * percentile(latencies, 99)}
         hits = _metric((await client.get("/metrics")).text, "lift_cache_hits_total")
     out["cache_hits"] = hits
     return out
 
 
-def _serve_and_measure(bundle: Path, batching: bool, args, levels: list[int], images: list[bytes]) -> dict:
-    env = {"LIFT_BATCHING": "true" if batching else "false", "LIFT_MAX_BATCH_SIZE": str(args.max_batch_size),
+def _serve_and_measure(bundle: Path, batching: bool, args, levels: list[int], images: list[bytes],
+                       max_batch_size: int) -> dict:
+    env = {"LIFT_BATCHING": "true" if batching else "false", "LIFT_MAX_BATCH_SIZE": str(max_batch_size),
            "LIFT_MAX_WAIT_MS": str(args.max_wait_ms), "LIFT_PROVIDERS": args.providers,
            "LIFT_MAX_QUEUE": str(max(64, 4 * max(levels)))}
     params = {"dtype": args.dtype}
@@ -262,9 +266,13 @@ def _serve_and_measure(bundle: Path, batching: bool, args, levels: list[int], im
 
 
 def _table(result: dict) -> str:
-    raw = result["raw"]["best_images_per_s"]
-    by_batch = ", ".join(f"b{r['batch']}={r['images_per_s']:.1f}" for r in result["raw"]["by_batch"])
-    lines = [f"raw model: {raw:.1f} img/s at batch {result['raw']['best_batch']} ({by_batch})",
+    raw = result["raw_reference_images_per_s"]
+    lines = []
+    for when in ("raw_before", "raw_after"):
+        by_batch = ", ".join(f"b{r['batch']}={r['images_per_s']:.2f}" for r in result[when]["by_batch"])
+        lines.append(f"{when}: {result[when]['best_images_per_s']:.2f} img/s at batch {result[when]['best_batch']} "
+                     f"({by_batch})")
+    lines += [f"reference (best of both): {raw:.2f} img/s; served with LIFT_MAX_BATCH_SIZE={result['max_batch_size']}",
              "| batching | clients | img/s | % of raw | p50 ms | p99 ms | mean batch |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in result["service"]:
@@ -275,9 +283,9 @@ def _table(result: dict) -> str:
                          f"{100 * row['images_per_s'] / raw:.0f} % | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
                          f"{mean} |")
     clicks = result["clicks"]
-    lines.append(f"cached click at {result['size']}: png p50 {clicks['png']['p50_ms']:.1f} ms, p99 "
-                 f"{clicks['png']['p99_ms']:.1f} ms; npy p50 {clicks['npy']['p50_ms']:.1f} ms, p99 "
-                 f"{clicks['npy']['p99_ms']:.1f} ms")
+    for name in ("png", "png_overlay", "npy"):
+        lines.append(f"cached click at {result['size']} ({name}): p50 {clicks[name]['p50_ms']:.1f} ms, "
+                     f"p99 {clicks[name]['p99_ms']:.1f} ms")
     for name, target in result["targets"].items():
         verdict = "MET" if target["met"] else "MISSED"
         lines.append(f"target {name}: {target['value']:.1f} vs {target['goal']} -> {verdict}")
@@ -294,20 +302,28 @@ def run(args: argparse.Namespace) -> int:
 
         bundle = export_demo_bundle(Path(args.demo_dir) if args.demo_dir else default_demo_dir())
     print(f"raw model throughput ({bundle}) ...", flush=True)
-    raw = measure_raw(bundle, args.size, args.iterations, args.providers, args.raw_repeats)
+    raw_before = measure_raw(bundle, args.size, args.iterations, args.providers, args.raw_repeats)
+    max_batch_size = args.max_batch_size or raw_before["best_batch"]
     images = synthetic_jpegs(args.requests * len(levels) + 8, args.size)
-    service = [_serve_and_measure(bundle, batching, args, levels, images) for batching in (True, False)]
+    service = [_serve_and_measure(bundle, batching, args, levels, images, max_batch_size)
+               for batching in (True, False)]
+    print("raw model throughput again ...", flush=True)
+    raw_after = measure_raw(bundle, args.size, args.iterations, args.providers, args.raw_repeats)
+    # Other processes' load drifts: the reference is the better of the two raw measurements (the harder bar).
+    reference = max(raw_before["best_images_per_s"], raw_after["best_images_per_s"])
     batched_16 = next((r for r in service[0]["levels"] if r["concurrency"] == max(levels)), None)
     clicks = service[0]["clicks"]
     result = {
-        "bundle": str(bundle), "size": args.size, "iterations": raw["iterations"], "dtype": args.dtype,
-        "requests_per_level": args.requests, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "raw": raw, "service": service, "clicks": clicks,
+        "bundle": str(bundle), "size": args.size, "iterations": raw_before["iterations"], "dtype": args.dtype,
+        "requests_per_level": args.requests, "max_batch_size": max_batch_size, "max_wait_ms": args.max_wait_ms,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_end": os.getloadavg()},
+        "raw_before": raw_before, "raw_after": raw_after, "raw_reference_images_per_s": reference,
+        "service": service, "clicks": clicks,
         "targets": {
             f"throughput at {max(levels)} clients with batching, % of raw": {
-                "value": 100 * batched_16["images_per_s"] / raw["best_images_per_s"], "goal": ">= 90",
-                "met": batched_16["images_per_s"] >= 0.9 * raw["best_images_per_s"]},
+                "value": 100 * batched_16["images_per_s"] / reference, "goal": ">= 90",
+                "met": batched_16["images_per_s"] >= 0.9 * reference},
             f"cached click p50 ms at {args.size} (png)": {
                 "value": clicks["png"]["p50_ms"], "goal": "<= 15", "met": clicks["png"]["p50_ms"] <= 15},
         },

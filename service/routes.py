@@ -283,7 +283,8 @@ async def features(
     settings: SettingsDep,
     pipeline: PipelineDep,
     format: Literal["npy", "json"] = Query("npy", description="response encoding", examples=["npy"]),
-    dtype: Literal["float32", "float16"] = Query("float32", description="descriptor precision in the response"),
+    dtype: Literal["float32", "float16"] = Query("float32", description="descriptor precision in the response",
+                                                   examples=["float16"]),
     iterations: int | None = ITERATIONS_QUERY,
 ):
     upload = await read_upload(request, settings, files={"image"}, fields=set(), raw_field="image")
@@ -355,13 +356,15 @@ async def similarity(
                      examples=[120.5]),
     y: float = Query(..., description="point y in the ORIGINAL source image's pixels, 0 <= y < height",
                      examples=[80.0]),
-    format: Literal["png", "npy", "json"] = Query("png", description="response encoding"),
+    format: Literal["png", "npy", "json"] = Query("png", description="response encoding", examples=["png"]),
     overlay: bool = Query(False, description="png only: blend the heat map over the target image (slower: an "
-                          "RGB PNG of the photo instead of a palette PNG)"),
-    alpha: float = Query(0.6, ge=0.0, le=1.0, description="png overlay opacity of the heat map"),
+                          "RGB PNG of the photo instead of a palette PNG)", examples=[True]),
+    alpha: float = Query(0.6, ge=0.0, le=1.0, description="png overlay opacity of the heat map", examples=[0.6]),
     iterations: int | None = ITERATIONS_QUERY,
-    feature_id: str | None = Query(None, description="source features from an earlier response"),
-    target_id: str | None = Query(None, description="target features from an earlier response"),
+    feature_id: str | None = Query(None, description="source features from an earlier response (X-Feature-Id)",
+                                    examples=["3f7a0c1e9b2d4c5a8e6f1a2b3c4d5e6f-k1-sq-224x224"]),
+    target_id: str | None = Query(None, description="target features from an earlier response",
+                                   examples=["3f7a0c1e9b2d4c5a8e6f1a2b3c4d5e6f-k1-sq-224x224"]),
 ):
     upload = await read_upload(request, settings, files={"image", "target"}, fields={"feature_id", "target_id"},
                                raw_field="image")
@@ -422,12 +425,16 @@ async def match(
     request: Request,
     settings: SettingsDep,
     pipeline: PipelineDep,
-    format: Literal["json", "png"] = Query("json", description="response encoding"),
-    max_matches: int = Query(200, ge=1, le=10000, description="keep at most this many (best first)"),
-    min_score: float = Query(0.0, ge=-1.0, le=1.0, description="drop matches with lower cosine similarity"),
+    format: Literal["json", "png"] = Query("json", description="response encoding", examples=["json"]),
+    max_matches: int = Query(200, ge=1, le=10000, description="keep at most this many (best first)",
+                             examples=[100]),
+    min_score: float = Query(0.0, ge=-1.0, le=1.0, description="drop matches with lower cosine "
+                              "similarity", examples=[0.5]),
     iterations: int | None = ITERATIONS_QUERY,
-    feature_id_a: str | None = Query(None, description="features of image A from an earlier response"),
-    feature_id_b: str | None = Query(None, description="features of image B from an earlier response"),
+    feature_id_a: str | None = Query(None, description="features of image A from an earlier response",
+                                      examples=["3f7a0c1e9b2d4c5a8e6f1a2b3c4d5e6f-k1-sq-224x224"]),
+    feature_id_b: str | None = Query(None, description="features of image B from an earlier response",
+                                      examples=["3f7a0c1e9b2d4c5a8e6f1a2b3c4d5e6f-k1-sq-224x224"]),
 ):
     upload = await read_upload(request, settings, files={"image_a", "image_b"},
                                fields={"feature_id_a", "feature_id_b"}, raw_field=None)
