@@ -447,7 +447,7 @@ def _train(config: TrainConfig, out: Path, scan, dist: _Dist) -> TrainResult:
             epoch_pos, batch_pos = epoch, 0
             if epoch % config.save_every == 0 or epoch == config.epochs:
                 checkpoint, saved_at = save(epoch), step
-    if saved_at != step or not checkpoint.is_file():
+    if (losses and saved_at != step) or not checkpoint.is_file():  # nothing new after a finished run: keep it
         checkpoint = save(epoch)
     if dist.is_main:
         curve = plot_loss_curve(out / LOG_NAME, out / CURVE_NAME)
