@@ -25,6 +25,8 @@ Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) LiFT is wrapped in Distribu
 (NCCL on CUDA, gloo on the CPU); every rank reads its shard of each epoch; ``batch_size`` is per
 rank, so one optimizer step consumes ``batch_size * world_size`` images. BatchNorm statistics are
 per rank (plain BatchNorm, as the authors), and rank 0's buffers are broadcast at each forward.
+Every rank reads ``resume.pt`` when resuming, so ``out`` must be on a filesystem all ranks see
+(always true on one machine).
 """
 
 from __future__ import annotations
@@ -350,6 +352,8 @@ def _train(config: TrainConfig, out: Path, scan, dist: _Dist) -> TrainResult:
                    + f"; ignored {scan.ignored} files without an image extension")
 
     backbone, lift = build_models(config.backbone, config.imsize, config.seed)
+    if state is not None:
+        lift.load_state_dict(state["lift"])  # before DDP wraps it; every rank reads the same file
     backbone.to(dist.device)
     lift.to(dist.device).train()
     lift_pair = TwoOctaveLiFT(lift)
@@ -368,7 +372,6 @@ def _train(config: TrainConfig, out: Path, scan, dist: _Dist) -> TrainResult:
     step, epoch, batch_in_epoch = 0, 0, 0
     skipped_paths: set[str] = set(map(str, scan.unreadable))
     if state is not None:
-        lift.load_state_dict(state["lift"])
         step_fn.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             step_fn.scaler.load_state_dict(state["scaler"])
