@@ -44,7 +44,7 @@ if [ "$dry_run" = 1 ]; then
     echo "resolving lift-serve[$extra] for the $target image"
     # --ignore-installed resolves as into an empty environment, whatever this interpreter has.
     PIP_CONSTRAINT="$here/constraints.txt" \
-        "$PYTHON" -m pip install --quiet --dry-run --ignore-installed --report "$report" "$root[$extra]"
+        "$PYTHON" -m pip install --quiet --dry-run --ignore-installed --report "$report" "${root}[${extra}]"
     "$PYTHON" "$here/verify_install.py" "$target" --report "$report"
     exit 0
 fi
@@ -59,5 +59,5 @@ echo "installing lift-serve[$extra] into $venv for the $target image"
 # isolated build environment to build lift-serve itself. pip's cache stays on: the Dockerfile
 # mounts it as a build cache outside the image layers (set PIP_NO_CACHE_DIR=1 to turn it off).
 PIP_CONSTRAINT="$here/constraints.txt" \
-    "$venv/bin/python" -m pip install --quiet "$root[$extra]"
+    "$venv/bin/python" -m pip install --quiet "${root}[${extra}]"
 "$venv/bin/python" "$here/verify_install.py" "$target"
