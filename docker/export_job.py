@@ -21,8 +21,9 @@ EXPORT_FORCE               true: export even if the bundle matches              
 =========================  ==============================================================  ==========================
 
 "Matches" means: the bundle's manifest.json is unchanged since this job wrote it, and the request
-(every variable above, the sha256 of the checkpoint and of a backbone weights file, and the
-installed lift-serve and torch versions) equals the one recorded then, in
+(every variable above, the sha256 of the checkpoint and of a backbone weights file, the installed
+lift-serve, torch, timm and onnx versions and a hash of the exporter's source files) equals the
+one recorded then, in
 ``.<bundle name>.export-request.json`` beside the bundle. Anything else re-exports; ``lift export``
 replaces the old bundle atomically, so the api never sees half a bundle. Hub weights are recorded
 by name: set EXPORT_FORCE=true after the hub's weights for that name changed.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -142,6 +144,24 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+def exporter_code_sha256() -> str | None:
+    """sha256 over the installed exporter's sources (the ``model`` package and the manifest schema
+    in ``service/bundle.py``): a rebuilt image with a changed exporter re-exports even when the
+    lift-serve version number stayed the same. Found without importing them (no torch needed)."""
+    digest = hashlib.sha256()
+    files = []
+    for package, pattern in (("model", "*.py"), ("service", "bundle.py")):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for location in spec.submodule_search_locations:
+            files += sorted(Path(location).glob(pattern))
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def build_request(config: Mapping[str, str]) -> dict:
     """What the bundle would be made from: compared with the record of the last export."""
     checkpoint = checkpoint_path(config)
@@ -152,6 +172,7 @@ def build_request(config: Mapping[str, str]) -> dict:
         sha256_file(weights) if config["EXPORT_BACKBONE_WEIGHTS"] not in {"hub", "random"} and weights.is_file()
         else None)
     request["versions"] = versions()
+    request["exporter_code_sha256"] = exporter_code_sha256()
     return request
 
 

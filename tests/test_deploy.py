@@ -388,6 +388,18 @@ def test_export_job_skips_a_matching_bundle_and_redoes_a_changed_one(export_job,
     assert len(calls) == 5
 
 
+def test_export_job_redoes_the_bundle_when_the_exporter_code_changed(export_job, tmp_path, monkeypatch):
+    calls = []
+    env = job_env(tmp_path)
+    assert len(export_job.exporter_code_sha256()) == 64  # finds the installed model package
+    assert export_job.main(env, fake_export(calls)) == 0
+    assert export_job.main(env, fake_export(calls)) == 0
+    assert len(calls) == 1
+    monkeypatch.setattr(export_job, "exporter_code_sha256", lambda: "a rebuilt image with another exporter")
+    assert export_job.main(env, fake_export(calls)) == 0
+    assert len(calls) == 2
+
+
 def test_export_job_failure_keeps_the_old_record(export_job, tmp_path, capsys):
     calls = []
     env = job_env(tmp_path)
