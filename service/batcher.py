@@ -8,6 +8,11 @@ were cancelled, timed out or whose client disconnected, and runs the rest as one
 (ONNX Runtime releases the GIL, so the event loop keeps serving). While a batch runs, new requests
 pile up and form the next batch: under load batches grow without any extra waiting.
 
+Requests announced with :meth:`MicroBatcher.expect` (body received, image still being decoded) are
+worth waiting for: while any of the batch's key is announced, the wait extends up to
+``10 * max_wait_s`` after the oldest request. Without this, clients that all resubmit when a big
+batch finishes arrive spread over their decode times and the next batch closes half-empty.
+
 Back-pressure: at most ``max_queue`` requests wait (not counting the batch being run); beyond that
 :meth:`MicroBatcher.submit` raises :class:`QueueFullError` at once with a ``Retry-After`` estimate.
 Each request has ``timeout_s`` from submission to result, else :class:`BatchTimeoutError`.
@@ -94,7 +99,9 @@ class MicroBatcher:
         self.hooks = hooks or BatchHooks()
         self.batches_run = 0
         self.images_run = 0
+        self.max_fill_s = 10 * max_wait_s
         self._pending: OrderedDict[tuple, deque[_Item]] = OrderedDict()
+        self._expected: dict[tuple, int] = {}
         self._depth = 0
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -133,6 +140,25 @@ class MicroBatcher:
         return self._depth
 
     # -- requests --------------------------------------------------------------------------------
+    @staticmethod
+    def key(image_shape: tuple[int, ...], iterations: int) -> tuple[int, int, int]:
+        """The grouping key of an ``[H, W, 3]`` image run with ``iterations``."""
+        return int(image_shape[0]), int(image_shape[1]), int(iterations)
+
+    def expect(self, key: tuple) -> None:
+        """Announce a request of ``key`` that will be submitted soon (pair with :meth:`unexpect`)."""
+        self._expected[key] = self._expected.get(key, 0) + 1
+
+    def unexpect(self, key: tuple) -> None:
+        """The announced request was submitted or gave up; call right before :meth:`submit`."""
+        left = self._expected.get(key, 0) - 1
+        if left > 0:
+            self._expected[key] = left
+        else:
+            self._expected.pop(key, None)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     async def submit(self, image: np.ndarray, iterations: int,
                      is_gone: Callable[[], Awaitable[bool]] | None = None) -> np.ndarray:
         """Features of one image.
@@ -156,7 +182,7 @@ class MicroBatcher:
             batches_ahead = math.ceil(self._depth / self.max_batch_size) + 1
             raise QueueFullError(self._depth, max(1, math.ceil(batches_ahead * self._last_batch_s)))
         loop = asyncio.get_running_loop()
-        key = (int(image.shape[0]), int(image.shape[1]), int(iterations))
+        key = self.key(image.shape, iterations)
         item = _Item(image, loop.create_future(), loop.time(), is_gone)
         self._pending.setdefault(key, deque()).append(item)
         self._set_depth(self._depth + 1)
@@ -193,8 +219,12 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while (key := self._oldest_key()) is None:
             await self._wait_for_news(None)
-        deadline = self._pending[key][0].enqueued + self.max_wait_s
-        while len(self._pending[key]) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
+        oldest = self._pending[key][0].enqueued
+        while len(self._pending[key]) < self.max_batch_size:
+            limit = oldest + (self.max_fill_s if self._expected.get(key) else self.max_wait_s)
+            remaining = limit - loop.time()
+            if remaining <= 0:
+                break
             await self._wait_for_news(remaining)
         queue = self._pending[key]
         batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch_size))]

@@ -81,8 +81,14 @@ class FeatureService:
         entry = self.cache.get(fid)
         if entry is not None:
             return entry
-        model_input = await asyncio.to_thread(self._model_input, data, geometry)
+        key = self.batcher.key((geometry.input_height, geometry.input_width), iterations)
+        self.batcher.expect(key)  # so that a batch about to close waits for this image's decode
         try:
+            model_input = await asyncio.to_thread(self._model_input, data, geometry)
+        finally:
+            self.batcher.unexpect(key)
+        try:
+            # No await between unexpect and the enqueue inside submit: the worker never sees a gap.
             features = await self.batcher.submit(model_input, iterations, is_gone)
         except QueueFullError as exc:
             self.metrics.rejected.labels("queue_full").inc()

@@ -254,3 +254,25 @@ def test_similarity_with_cached_norms_equals_the_plain_computation():
     fast = similarity_map(query, features, cell_norms(features))
     np.testing.assert_allclose(fast, similarity_map(query, features), atol=1e-6)
     assert abs(fast[2, 3] - 1) < 1e-6 and fast.max() <= 1 + 1e-6
+
+
+def test_batcher_waits_for_announced_requests():
+    calls = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_run(calls), max_batch_size=4, max_wait_s=0.02, max_queue=8)
+        batcher.start()
+        image = np.zeros((8, 8, 3), np.uint8)
+        key = batcher.key(image.shape, 0)
+        batcher.expect(key)  # a second request is being decoded
+
+        async def late():
+            await asyncio.sleep(0.1)  # longer than max_wait, shorter than 10 x max_wait
+            batcher.unexpect(key)
+            return await batcher.submit(image, 0)
+
+        await asyncio.gather(batcher.submit(image, 0), late())
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [((2, 8, 8, 3), 0)]  # one batch of both, not two of one
