@@ -211,3 +211,17 @@ def test_sizes_are_deduplicated_and_must_fit_patch():
     assert normalise_sizes([64, (64, 96), (64, 64)], 16) == [(64, 64), (64, 96)]
     with pytest.raises(ExportError, match="multiple of the patch size"):
         normalise_sizes([(64, 100)], 16)
+
+
+def test_cli_takes_backbone_from_sidecar_unless_named():
+    import argparse
+
+    from model.export_cli import _spec, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert _spec(parser.parse_args(["--checkpoint", "runs/lift.safetensors"])) is None  # sidecar decides
+    spec = _spec(parser.parse_args(["--checkpoint", "their.pth"]))
+    assert spec.name == "vit_small_patch16_224.dino" and spec.weights == "hub"
+    named = _spec(parser.parse_args(["--checkpoint", "runs/lift.safetensors", *tiny_args()]))
+    assert named.name == "vit_tiny_patch16_224" and named.model_kwargs == tiny_spec_dict()["model_kwargs"]
