@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
@@ -276,3 +277,27 @@ def test_batcher_waits_for_announced_requests():
 
     asyncio.run(main())
     assert calls == [((2, 8, 8, 3), 0)]  # one batch of both, not two of one
+
+
+def test_batcher_waits_to_refill_the_previous_batch_size():
+    calls = []
+
+    def slow(images, iterations):
+        time.sleep(0.3)  # the previous batch's time sets the refill wait: 10 % = 30 ms
+        return _fake_run(calls)(images, iterations)
+
+    async def main():
+        batcher = MicroBatcher(slow, max_batch_size=4, max_wait_s=0.001, max_queue=8)
+        batcher.start()
+        image = np.zeros((8, 8, 3), np.uint8)
+        await asyncio.gather(batcher.submit(image, 0), batcher.submit(image, 0))  # a batch of 2
+
+        async def late():
+            await asyncio.sleep(0.015)  # after max_wait (1 ms), within the refill wait (30 ms)
+            return await batcher.submit(image, 0)
+
+        await asyncio.gather(batcher.submit(image, 0), late())
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert [shape[0] for shape, _ in calls] == [2, 2]
