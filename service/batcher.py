@@ -10,9 +10,9 @@ pile up and form the next batch: under load batches grow without any extra waiti
 
 Two signs say more requests are about to arrive, and extend the wait beyond ``max_wait_s``:
 requests of the batch's key announced with :meth:`MicroBatcher.expect` (body received, image still
-being decoded), and fewer requests pending than the previous batch of that key had (its clients are
-likely resubmitting). While either holds, the wait extends up to ``max(10 * max_wait_s, 10 % of the
-previous batch's inference time)`` after the oldest request. Without this, N clients that all
+being decoded: the wait extends up to ``10 * max_wait_s``), and fewer requests pending than the
+previous batch of that key had (its clients are likely resubmitting: the wait extends up to 10 % of
+that batch's inference time). Both limits count from the oldest request. Without this, N clients that all
 resubmit when a batch of N finishes arrive spread over their turnaround, and the batches settle into
 halves of N — which on a CPU costs more throughput than the bounded wait does.
 
@@ -225,10 +225,15 @@ class MicroBatcher:
             await self._wait_for_news(None)
         oldest = self._pending[key][0].enqueued
         last_size, last_seconds = self._last_size.get(key, (1, 0.0))
-        fill_limit = oldest + max(self.max_fill_s, 0.1 * last_seconds)
+        refill = max(self.max_wait_s, 0.1 * last_seconds)
         while len(self._pending[key]) < self.max_batch_size:
-            more_coming = self._expected.get(key) or len(self._pending[key]) < last_size
-            remaining = (fill_limit if more_coming else oldest + self.max_wait_s) - loop.time()
+            if self._expected.get(key):  # ends by itself: decoding takes milliseconds
+                wait = max(self.max_fill_s, refill)
+            elif len(self._pending[key]) < last_size:
+                wait = refill
+            else:
+                wait = self.max_wait_s
+            remaining = oldest + wait - loop.time()
             if remaining <= 0:
                 break
             await self._wait_for_news(remaining)
