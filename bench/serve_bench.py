@@ -313,9 +313,11 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError("--concurrency must list positive integers and --requests must be >= 1")
     bundle = Path(args.bundle) if args.bundle else None
     if bundle is None:
-        from model.export import default_demo_dir, export_demo_bundle
+        from model.export import export_demo_bundle
+        from service.settings import Settings
 
-        bundle = export_demo_bundle(Path(args.demo_dir) if args.demo_dir else default_demo_dir())
+        # the same directory `lift serve --demo` uses (LIFT_DEMO_DIR), so the export is shared
+        bundle = export_demo_bundle(Path(args.demo_dir) if args.demo_dir else Settings().demo_dir)
     print(f"raw model throughput ({bundle}) ...", flush=True)
     runtime = open_runtime(bundle, args.size, args.providers)
     raw = measure_raw(runtime, args.size, args.iterations, args.raw_repeats)
