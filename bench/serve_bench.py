@@ -4,8 +4,9 @@ What one run does, all on this machine:
 
 1. **Raw model throughput**: the bundle's ``BundleRuntime.run`` (in this process) on ``--size``
    inputs at batch sizes 1, 2, 4, 8, 16 (median of ``--raw-repeats`` calls each, after one warm-up)
-   picks the best batch size; the server's ``LIFT_MAX_BATCH_SIZE`` is set to it unless
-   ``--max-batch-size`` says otherwise.
+   picks the best batch size, the reference below. The server runs with ``--max-batch-size``
+   (default 8, the service default; on a CPU the sweep is nearly flat, so picking its noisy maximum
+   as the server's batch size would just add noise).
 2. **Service throughput**: for batching on, then off (``LIFT_BATCHING``), ``lift serve`` is started
    as a subprocess on 127.0.0.1 (free port) and driven by 1, 4, 16 concurrent clients (asyncio +
    httpx, one connection each), ``--requests`` ``POST /v1/features`` each. Every request carries a
@@ -55,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="LiFT iterations (default: the bundle's)")
     parser.add_argument("--concurrency", default="1,4,16", help="client counts (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=64, help="requests per client count (default: 64)")
-    parser.add_argument("--max-batch-size", type=int, default=0,
-                        help="LIFT_MAX_BATCH_SIZE with batching on; 0 = the raw model's best batch size (default)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="LIFT_MAX_BATCH_SIZE with batching on (default: 8, the service default); "
+                             "0 = the best batch size of the raw sweep")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="LIFT_MAX_WAIT_MS (default: 5)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="features dtype asked")
     parser.add_argument("--clicks", type=int, default=200, help="cached clicks timed (default: 200)")
