@@ -424,6 +424,9 @@ def export_demo_bundle(out_dir: str | Path) -> Path:
 
 
 def default_demo_dir() -> Path:
-    """Where ``lift serve --demo`` keeps its demo bundle: ``$LIFT_CACHE_DIR`` or ``~/.cache/lift-serve``."""
-    root = os.environ.get("LIFT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lift-serve")
-    return Path(root) / "demo-bundle"
+    """Where ``lift serve --demo`` keeps its demo bundle: ``$LIFT_DEMO_DIR``, else
+    ``~/.cache/lift-serve/demo-bundle`` (the same rule as the service's ``LIFT_DEMO_DIR`` setting)."""
+    explicit = os.environ.get("LIFT_DEMO_DIR")
+    if explicit:
+        return Path(os.path.expanduser(explicit))
+    return Path(os.path.expanduser("~")) / ".cache" / "lift-serve" / "demo-bundle"
