@@ -86,7 +86,8 @@ def read_header(data: bytes, max_pixels: int) -> ImageHeader:
     """Image size (after EXIF orientation), format and mode from the header only."""
     image = _open(data, max_pixels)
     width, height = image.size
-    if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+    # Pillow's TIFF reader already reports the oriented size (and transposes on load): swap only for others.
+    if image.format != "TIFF" and _orientation(image) in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return ImageHeader(width, height, image.format or "unknown", image.mode)
 

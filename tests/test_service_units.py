@@ -99,14 +99,19 @@ def test_alpha_is_composited_over_white():
     assert (np.asarray(decode_image(_encode(image), 1000)) == 255).all()
 
 
-def test_exif_orientation_is_applied_before_sizes():
-    image = Image.new("RGB", (40, 20), (10, 20, 30))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_is_applied_before_sizes(fmt):
+    # Pillow's TIFF reader reports the oriented size itself: the header must not swap it twice.
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:10, :10] = 255  # a bright top-left corner, stored
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
-    data = _encode(image, "JPEG", exif=exif)
+    data = _encode(Image.fromarray(pixels), fmt, exif=exif)
     header = read_header(data, 10_000)
     assert (header.width, header.height) == (20, 40)
-    assert decode_image(data, 10_000).size == (20, 40)
+    decoded = np.asarray(decode_image(data, 10_000))
+    assert decoded.shape == (40, 20, 3)
+    assert decoded[:10, 10:].mean() > 200 and decoded[:10, :10].mean() < 50  # now top-right
 
 
 def _textured_jpeg() -> bytes:
