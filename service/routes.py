@@ -149,6 +149,9 @@ async def read_upload(request: Request, settings: Settings, files: set[str], fie
         out_fields: dict[str, str] = {}
         for name, value in form.multi_items():
             if isinstance(value, str):
+                if name in files:  # e.g. curl -F image=photo.jpg: the @ that uploads the file is missing
+                    raise ServiceError(422, "not_a_file", f"form field {name!r} holds text ({value[:60]!r}), not a "
+                                       f"file; upload the file itself, e.g. curl -F {name}=@photo.jpg")
                 if name not in fields:
                     raise ServiceError(422, "unknown_field", f"unknown form field {name!r}; accepted: "
                                        f"files {sorted(files)}, fields {sorted(fields)}")

@@ -254,6 +254,7 @@ BAD_REQUESTS = [
      415, "unsupported_media_type"),
     ("unknown query", dict(url="/v1/features?iteration=1", content=b"x", headers=RAW), 422, "unknown_parameter"),
     ("unknown form field", dict(url="/v1/features", files={"picture": ("p.png", b"x")}), 422, "unknown_field"),
+    ("text instead of a file", dict(url="/v1/features", data={"image": "photo.jpg"}), 422, "not_a_file"),
     ("bad value", dict(url="/v1/features?format=xml", content=b"x", headers=RAW), 422, "invalid_parameter"),
     ("iterations not offered", dict(url="/v1/features?iterations=3", content=encode(noise(64, 64)), headers=RAW),
      422, "invalid_parameter"),
@@ -283,6 +284,8 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(client, request_kwa
     assert message and "Traceback" not in message
     if code == "point_outside_image":
         assert "150x100" in message
+    if code == "not_a_file":
+        assert "-F image=@photo.jpg" in message
     _ok_after(client)
 
 
