@@ -80,6 +80,13 @@ def _create_timm_model(spec: BackboneSpec, pretrained: bool) -> nn.Module:
         if "Unknown model" in str(exc):
             raise BackboneError(f"timm has no model named {spec.name!r}: {exc}") from None
         raise
+    except TypeError as exc:
+        # timm passes every keyword to the model class: an unknown --backbone-kwargs entry, or a
+        # model that is not a VisionTransformer (no dynamic_img_size), lands here.
+        raise BackboneError(
+            f"timm cannot build {spec.name!r} with arguments {kwargs}: {exc}. The backbone must be a timm "
+            "VisionTransformer, and --backbone-kwargs may only hold arguments its constructor accepts"
+        ) from None
 
 
 def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -104,14 +111,29 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a local timm or DINO weights file into ``model``, or raise naming the mismatch."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        raw = load_file(str(path))
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and safetensors each raise their own types for a bad file
+        raise BackboneError(
+            f"cannot read backbone weights file {path} ({type(exc).__name__}: {str(exc)[:200]}); pass "
+            "--backbone-weights with a timm state dict (.pth/.safetensors) or an original DINO checkpoint"
+        ) from None
     state = checkpoint_filter_fn(_unwrap_state_dict(raw), model)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    expected = model.state_dict()
+    wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
+             for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise BackboneError(
+            f"weights file {path} does not fit backbone {model.default_cfg.get('architecture')} "
+            f"({len(wrong)} tensors differ in shape: {'; '.join(wrong[:4])}); check --backbone and "
+            "--backbone-kwargs against the weights"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing or result.unexpected_keys:

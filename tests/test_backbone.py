@@ -106,3 +106,24 @@ def test_bad_facet_and_layer_are_refused():
 def test_image_not_multiple_of_patch_is_refused(tiny_backbone):
     with pytest.raises(ValueError, match="multiples of the patch size 16"):
         tiny_backbone(torch.randn(1, 3, 70, 64))
+
+
+def test_unknown_model_kwargs_or_non_vit_are_backbone_errors():
+    # timm forwards kwargs to the constructor; a TypeError there used to escape as a traceback.
+    with pytest.raises(BackboneError, match="bogus"):
+        build_vit(BackboneSpec.from_dict(tiny_spec_dict(model_kwargs={"bogus": 1})))
+    with pytest.raises(BackboneError, match="VisionTransformer"):
+        build_vit(BackboneSpec.from_dict(tiny_spec_dict(name="resnet18", model_kwargs={})))
+
+
+def test_unreadable_or_wrong_shaped_weights_file_is_a_backbone_error(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(BackboneError, match="cannot read backbone weights file"):
+        build_vit(BackboneSpec.from_dict(tiny_spec_dict(weights=str(garbage))))
+    wider = build_vit(BackboneSpec.from_dict(tiny_spec_dict(model_kwargs={**tiny_spec_dict()["model_kwargs"],
+                                                                           "embed_dim": 48})))
+    path = tmp_path / "wider.pth"
+    torch.save(wider.state_dict(), path)
+    with pytest.raises(BackboneError, match=r"patch_embed.proj.bias: expected \(32,\), found \(48,\)"):
+        build_vit(BackboneSpec.from_dict(tiny_spec_dict(weights=str(path))))
