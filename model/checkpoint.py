@@ -178,8 +178,15 @@ def load_lift_checkpoint(
         for name, wanted, found in (("channels", channels, meta.channels), ("patch size", patch_size, meta.patch_size)):
             if wanted is not None and wanted != found:
                 raise CheckpointError(f"checkpoint {path} is for {name} {found}, but the backbone has {wanted}")
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for damaged files
+            raise CheckpointError(
+                f"cannot read {path} as safetensors ({str(exc)[:200]}); the file is damaged: copy it "
+                "again or re-train"
+            ) from None
         lift = LiFT(meta.channels, meta.patch_size)
-        load_state_dict_checked(lift, strip_module_prefix(load_file(str(path))), str(path))
+        load_state_dict_checked(lift, strip_module_prefix(state), str(path))
         return lift.eval(), meta
     if channels is None or patch_size is None:
         raise CheckpointError(
@@ -192,8 +199,8 @@ def load_lift_checkpoint(
         raise CheckpointError(f"cannot read {path} as a PyTorch state dict: {exc}") from None
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__} that is not a state dict of tensors")
     lift = LiFT(channels, patch_size)
     load_state_dict_checked(lift, strip_module_prefix(raw), str(path))
     return lift.eval(), None

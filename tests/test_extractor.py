@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -70,3 +72,19 @@ def test_checkpoint_for_other_channels_is_refused(tmp_path, tiny_spec, tiny_lift
 def test_missing_checkpoint_says_how_to_get_one(tmp_path):
     with pytest.raises(ValueError, match="lift train"):
         load_lift_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_damaged_checkpoint_files_are_checkpoint_errors(tmp_path, tiny_spec, tiny_lift):
+    from model.checkpoint import CheckpointError, sidecar_path
+
+    meta = CheckpointMeta(backbone=tiny_spec.to_dict(), channels=32, patch_size=16, mean=[0.5] * 3, std=[0.5] * 3)
+    path = save_lift_checkpoint(tmp_path / "lift.safetensors", tiny_lift, meta)
+    side = json.loads(sidecar_path(path).read_text())
+    sidecar_path(path).write_text(json.dumps(side | {"sha256": None}))  # no hash recorded: nothing else catches it
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read .* as safetensors"):
+        load_lift_checkpoint(path)
+    pth = tmp_path / "authors.pth"
+    torch.save({"up1.up.weight": torch.zeros(2), "epoch": 3}, pth)
+    with pytest.raises(CheckpointError, match="not a state dict of tensors"):
+        load_lift_checkpoint(pth, channels=32, patch_size=16)
