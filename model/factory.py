@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from model.backbone import BackboneSpec, ViTBackbone
-from model.checkpoint import CheckpointMeta, load_lift_checkpoint
+from model.checkpoint import CheckpointError, CheckpointMeta, load_lift_checkpoint
 from model.extractor import DenseExtractor
 from model.lift import LiFT
 
@@ -20,6 +20,13 @@ def load_backbone_and_lift(
     authors' ``.pth`` the spec is required (the state dict does not record it).
     """
     meta = None
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        # Say so before reading a sidecar or building (maybe downloading) the backbone: otherwise the
+        # user hears about a missing .json or the hub instead of the missing weights.
+        raise CheckpointError(
+            f"LiFT checkpoint {checkpoint} does not exist; train one with `lift train`, or download the "
+            "authors' .pth for your backbone, and pass its path"
+        )
     if checkpoint is not None and Path(checkpoint).suffix == ".safetensors":
         from model.checkpoint import read_checkpoint_meta
 

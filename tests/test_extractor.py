@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from model.backbone import BackboneSpec
 from model.checkpoint import CheckpointMeta, load_lift_checkpoint, save_lift_checkpoint
 from model.extractor import DenseExtractor
 
@@ -88,3 +89,14 @@ def test_damaged_checkpoint_files_are_checkpoint_errors(tmp_path, tiny_spec, tin
     torch.save({"up1.up.weight": torch.zeros(2), "epoch": 3}, pth)
     with pytest.raises(CheckpointError, match="not a state dict of tensors"):
         load_lift_checkpoint(pth, channels=32, patch_size=16)
+
+
+def test_missing_checkpoint_is_named_before_sidecar_or_backbone(tmp_path):
+    from model.checkpoint import CheckpointError
+    from model.factory import load_backbone_and_lift
+
+    # Ours: used to complain about a missing .json sidecar. Authors': used to build the backbone
+    # first (a hub download, or a hub error) before noticing the weights are not there.
+    for name in ("lift.safetensors", "lift.pth"):
+        with pytest.raises(CheckpointError, match=rf"LiFT checkpoint .*{name} does not exist"):
+            load_backbone_and_lift(BackboneSpec(weights=str(tmp_path / "no_vit.pth")), tmp_path / name)
