@@ -58,6 +58,7 @@ class ServiceState:
         self.runtime = runtime
         self.features: FeatureService | None = None
         self.load_error: str | None = None
+        self.on_load_failure = None  # called (no arguments) when loading fails: `lift serve` then exits
         self.started = time.time()
 
     @property
@@ -109,6 +110,8 @@ async def _start(state: ServiceState) -> None:
     except Exception as exc:
         state.load_error = str(exc)
         logger.error("model load failed: %s", exc, exc_info=not getattr(exc, "user_facing", False))
+        if state.on_load_failure is not None:
+            state.on_load_failure()
 
 
 @contextlib.asynccontextmanager

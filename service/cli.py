@@ -67,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("lift.service").warning(DEMO_WARNING)
         settings = settings.model_copy(update={"bundle": export_demo_bundle(settings.demo_dir)})
     check_settings(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.log_level == "debug")
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           access_log=settings.log_level == "debug"))
+    state = app.state.service
+    # The graphs load after the server starts (so /healthz answers meanwhile); a bundle that cannot
+    # load (missing or corrupt graph) stops the command rather than leaving a server that only says 503.
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error:
+        raise ConfigError(f"cannot serve {settings.bundle}: {state.load_error}")
     return 0

@@ -82,6 +82,18 @@ def test_not_ready_until_loaded_and_missing_bundle_message(tiny_bundle, monkeypa
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_serve_exits_2_when_the_bundle_cannot_load(tiny_bundle, tmp_path, capsys):
+    """A manifest without its graphs passes the startup check; the failed load must stop `lift serve`."""
+    import shutil
+
+    import lift_cli
+
+    shutil.copy(tiny_bundle / "manifest.json", tmp_path / "manifest.json")
+    assert lift_cli.main(["serve", "--bundle", str(tmp_path), "--port", "0", "--log-level", "error"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot serve" in err and "missing" in err and "Traceback" not in err
+
+
 # -- features ---------------------------------------------------------------------------------------
 def test_features_npy_equal_the_runtime_on_the_planned_input(client, runtime):
     from service.codec import decode_image
