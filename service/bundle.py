@@ -181,6 +181,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
             raise BundleError(f"{where}: input.{key} must be 3 numbers (RGB), found {values!r}")
     if any(v <= 0 for v in inp["std"]):
         raise BundleError(f"{where}: input.std must be positive, found {inp['std']!r}")
+    if inp["multiple"] != manifest["backbone"]["patch_size"]:
+        raise BundleError(
+            f"{where}: input.multiple {inp['multiple']} != backbone.patch_size "
+            f"{manifest['backbone']['patch_size']}; {_REEXPORT}"
+        )
     sizes = inp["sizes"]
     if not sizes:
         raise BundleError(f"{where}: input.sizes is empty; {_REEXPORT} with --sizes")

@@ -208,3 +208,9 @@ def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, runtime):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok (2, 32, 4, 6) False"
     np.testing.assert_array_equal(np.load(tiny_bundle.parent / "out.npy"), runtime.run(images, 0))
+
+
+def test_manifest_multiple_must_be_the_patch_size(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["input"].update(multiple=8))
+    with pytest.raises(BundleError, match="input.multiple 8 != backbone.patch_size 16"):
+        read_manifest(bundle_copy)
