@@ -61,9 +61,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_parameter", _describe_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        # Starlette's own texts ("Not Found", "Method Not Allowed") say neither what nor what to do.
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"there is no {request.url.path} here; the endpoints are listed at /docs"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "another method")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed} (see /docs)"
         return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)

@@ -284,6 +284,7 @@ BAD_REQUESTS = [
     ("match raw body", dict(url="/v1/match", content=encode(noise(64, 64)), headers=RAW), 415,
      "unsupported_media_type"),
     ("unknown route", dict(url="/v1/nothing"), 404, "not_found"),
+    ("wrong method", dict(url="/v1/models"), 405, "method_not_allowed"),
 ]
 
 
@@ -298,6 +299,10 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(client, request_kwa
         assert "150x100" in message
     if code == "not_a_file":
         assert "-F image=@photo.jpg" in message
+    if code == "not_found":
+        assert "/v1/nothing" in message and "/docs" in message
+    if code == "method_not_allowed":
+        assert "POST is not allowed on /v1/models; use GET" in message
     _ok_after(client)
 
 
