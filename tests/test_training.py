@@ -263,3 +263,11 @@ def test_torchrun_two_process_gloo_run_writes_one_checkpoint(tmp_path):
     assert meta["extra"]["world_size"] == 2 and meta["steps"] == 2  # 8 images / 2 ranks / batch 2
     records = step_records(out)
     assert [r["step"] for r in records] == [1, 2]  # one writer: no duplicated lines from rank 1
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    make_images(tmp_path / "data", 2, seed=5)
+    (tmp_path / "o").write_text("not a folder")
+    argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--imsize", "64", *TINY_ARGS]
+    assert lift_cli.main(argv) == 2  # used to end in a FileExistsError traceback from mkdir
+    assert "error: --out" in capsys.readouterr().err

@@ -330,6 +330,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; see the module docstring for the files written."""
     check_config(config)
     out = Path(config.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; pass a folder for the checkpoint, resume state and log")
     scan = scan_image_folder(config.data)  # a missing or empty folder fails before any model is built
     dist = _setup_distributed(config.device)
     try:
