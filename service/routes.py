@@ -195,6 +195,15 @@ async def _entry(pipeline: FeatureService, request: Request, data: bytes | None,
     return await pipeline.from_upload(data, pipeline.iterations(iterations), request.is_disconnected)
 
 
+def _same_iterations(a: FeatureEntry, b: FeatureEntry, name_a: str, name_b: str) -> None:
+    """Descriptors of different LiFT densities come from different graphs: refuse to compare them."""
+    if a.iterations != b.iterations:
+        raise ServiceError(422, "mixed_iterations",
+                           f"the {name_a} features were computed with {a.iterations} LiFT iterations and the "
+                           f"{name_b} features with {b.iterations}; compare features of one density: send "
+                           "both images (or ids from responses with the same iterations)")
+
+
 def _size_text(entry: FeatureEntry) -> tuple[str, str]:
     g = entry.geometry
     return f"{g.input_height}x{g.input_width}", f"{g.width}x{g.height}"
@@ -381,6 +390,7 @@ async def similarity(
     target = source
     if target_data is not None or target_fid:
         target = await _entry(pipeline, request, target_data, target_fid, k if target_fid is None else None, "target")
+        _same_iterations(source, target, "source", "target")
     try:
         row, col = source.geometry.to_cell(x, y)
     except ValueError as exc:
@@ -446,8 +456,13 @@ async def match(
         if data is None and not fid:
             raise ServiceError(400, "missing_image", f"{name} is missing: send two multipart files 'image_a' and "
                                "'image_b' (or feature_id_a / feature_id_b)")
-    a, b = await asyncio.gather(*(_entry(pipeline, request, data, fid, iterations, name)
+    # An uploaded image is computed with the iterations of the other side's feature id unless told.
+    k = iterations
+    if k is None:
+        k = next((pipeline.from_id(fid).iterations for data, fid in picks if fid and data is None), None)
+    a, b = await asyncio.gather(*(_entry(pipeline, request, data, fid, iterations if fid else k, name)
                                   for (data, fid), name in zip(picks, ("image_a", "image_b"), strict=True)))
+    _same_iterations(a, b, "image_a", "image_b")
     (ra, ca), (rb, cb) = a.geometry.content_grid, b.geometry.content_grid
     if ra * ca * rb * cb > MAX_MATCH_PAIRS:
         raise ServiceError(422, "too_many_cells", f"{ra * ca} x {rb * cb} cells are too many to match at once; "

@@ -238,6 +238,21 @@ def test_matches_on_a_rescaled_copy_map_back_to_each_original(client):
     assert Image.open(io.BytesIO(r.content)).size == (192 + 192, 128)  # side by side at the taller height
 
 
+def test_features_of_different_iterations_are_not_compared(client):
+    data = encode(blocks(64, 64, seed=6))
+    ids = {k: client.post(f"/v1/features?iterations={k}", files={"image": ("a.png", data)}).headers["x-feature-id"]
+           for k in (0, 1)}
+    r = client.post("/v1/similarity?x=5&y=5&format=npy", data={"feature_id": ids[0], "target_id": ids[1]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "mixed_iterations"
+    r = client.post("/v1/match", data={"feature_id_a": ids[0], "feature_id_b": ids[1]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "mixed_iterations"
+    # An upload next to an id is computed with the id's iterations: stride 16, cell centres at 8 + 16k.
+    r = client.post("/v1/match", data={"feature_id_a": ids[0]}, files={"image_b": ("b.png", data)})
+    matches = r.json()["matches"]
+    assert r.status_code == 200 and matches and r.headers["x-feature-id-b"] == ids[0]
+    assert all((m["b"][0] - 8) % 16 == 0 and (m["b"][1] - 8) % 16 == 0 for m in matches)
+
+
 # -- bad input --------------------------------------------------------------------------------------
 def _cmyk_jpeg() -> bytes:
     return encode(Image.fromarray(noise(64, 64)).convert("CMYK"), "JPEG")
