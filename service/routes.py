@@ -305,7 +305,8 @@ async def features(
         raise ServiceError(400, "empty_body", "no image was sent: use multipart field 'image' (repeatable) "
                            "or a raw image/* body, e.g. curl -F image=@photo.jpg")
     k = pipeline.iterations(iterations)
-    entries = await asyncio.gather(*(_entry(pipeline, request, data, None, k, "uploaded") for data in images))
+    entries = await asyncio.gather(*(_numbered_entry(pipeline, request, data, k, i, len(images))
+                                     for i, data in enumerate(images)))
     if format == "json":
         total = sum(e.features.size for e in entries)
         if total > MAX_JSON_VALUES:
@@ -329,6 +330,17 @@ async def features(
         "X-Feature-Id": ",".join(e.id for e in entries),
     }
     return Response(body, media_type=NPY, headers=headers)
+
+
+async def _numbered_entry(pipeline: FeatureService, request: Request, data: bytes, k: int, index: int,
+                          count: int) -> FeatureEntry:
+    """:func:`_entry` for image ``index`` of ``count``; an error names which image failed."""
+    try:
+        return await _entry(pipeline, request, data, None, k, "uploaded")
+    except ServiceError as exc:
+        if count > 1:
+            exc.message = f"image {index + 1} of {count} (multipart field 'image' #{index + 1}): {exc.message}"
+        raise
 
 
 def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:

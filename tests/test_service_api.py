@@ -136,6 +136,8 @@ def test_features_several_images_json_and_cache(client):
     np.testing.assert_allclose(np.array(item["data"], np.float32), both[0], rtol=1e-6)
     assert metric(client.get("/metrics").text, "lift_cache_hits_total") == hits + 1
 
+    r = client.post("/v1/features", files=[("image", ("a.png", a)), ("image", ("t.txt", b"not an image at all"))])
+    assert r.status_code == 415 and r.json()["error"]["message"].startswith("image 2 of 2")
     mixed = [("image", ("a.png", a)), ("image", ("w.png", encode(noise(64, 96))))]
     r = client.post("/v1/features", files=mixed)
     assert r.status_code == 422 and r.json()["error"]["code"] == "mixed_input_sizes"
