@@ -17,9 +17,9 @@ Protocol (per pair):
 1. both images: long side resized to ``size`` with Lanczos, short side to ``round(size*short/long)``,
    zero-padded to a ``size`` x ``size`` square with the image centred (offset ``(size-new)//2``);
    keypoints move the same way: ``x' = x * scale + offset_x`` (the authors' convention);
-2. features: L2-normalised per cell, then bilinearly upsampled to ``size`` x ``size``;
+2. features: bilinearly upsampled to ``size`` x ``size``;
 3. each source keypoint takes the descriptor of pixel ``(floor(y'), floor(x'))`` and is matched to
-   the target pixel with the highest dot product (cosine of the unit descriptors before upsampling);
+   the target pixel whose upsampled descriptor has the highest cosine similarity with it;
 4. it is correct at ``alpha`` when its distance to the true target keypoint is ``< alpha * T``,
    ``T = max(x2-x1, y2-y1)`` of the target box times the target's resize scale.
 
@@ -187,12 +187,15 @@ def read_spair_pairs(
 
 
 def dense_unit_features(features: np.ndarray, size: int):
-    """[C, h, w] -> torch [C, size*size]: unit descriptors bilinearly upsampled to the square."""
+    """[C, h, w] -> torch [C, size*size]: features bilinearly upsampled to the square, then scaled to
+    unit length per pixel, so dot products are the cosine similarities of the upsampled features.
+    (Normalising before upsampling would not: interpolated unit vectors are shorter between cells,
+    which biases the argmax toward cell centres.)"""
     import torch
     import torch.nn.functional as F
 
     tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None]
-    tensor = F.interpolate(F.normalize(tensor, dim=1), size=(size, size), mode="bilinear", align_corners=False)
+    tensor = F.normalize(F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False), dim=1)
     return tensor[0].reshape(tensor.shape[1], size * size)
 
 

@@ -154,3 +154,31 @@ def test_bundle_and_pytorch_sources_agree(spair_root, tiny_bundle, tmp_path):
     # 224 is not an exported size: refused with a message naming the supported sizes
     assert main(["eval", "spair", "--root", str(spair_root), "--size", "224", "--bundle", str(tiny_bundle),
                  "--out", str(out), "--no-plot", "--no-progress"]) == 2
+
+
+def test_match_is_the_argmax_of_cosine_over_upsampled_features():
+    # The protocol: upsample the raw features to the square, then take the target pixel of highest
+    # cosine similarity. Normalising per cell before upsampling gives a different argmax when cell
+    # norms differ (interpolated unit vectors shrink between cells).
+    import torch
+    import torch.nn.functional as F
+
+    from bench.spair import transfer_keypoints
+
+    rng = np.random.default_rng(0)
+    size, grid = 32, 4
+    norms = rng.uniform(0.1, 10.0, (1, grid, grid))
+    src = (rng.normal(size=(8, grid, grid)) * norms).astype(np.float32)
+    trg = (rng.normal(size=(8, grid, grid)) * norms[:, ::-1]).astype(np.float32)
+    points = rng.uniform(0, size, (40, 2))
+    predicted = transfer_keypoints(src, trg, points, size)
+
+    def up(f):
+        return F.interpolate(torch.from_numpy(f)[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+    up_src, up_trg = up(src), up(trg)
+    for (x, y), (px, py) in zip(points, predicted, strict=True):
+        query = up_src[:, int(y), int(x)][:, None, None]
+        cosine = F.cosine_similarity(query, up_trg, dim=0)
+        # Pixels beyond the outer cell centres repeat the border values: equal-cosine ties are fine.
+        assert cosine[int(py), int(px)] >= cosine.max() - 1e-5
