@@ -298,6 +298,18 @@ def test_retries_are_bounded_and_then_raise(server_url):
     assert time.monotonic() - started < 5  # Retry-After: 30 was capped by max_retry_wait
 
 
+def test_odd_retry_after_values_still_retry(server_url):
+    """A malformed Retry-After (e.g. from a proxy) must not escape as a bare ValueError."""
+    recorder = Recorder(fail=[busy(503, "soon"), busy(429, "Wed, 21 Oct 2015 07:28:00 GMT")])
+    with LiftClient(server_url, transport=recorder, retries=2, max_retry_wait=0.05) as c:
+        assert "model" in c.models()
+    assert len(recorder.requests) == 3
+    with LiftClient(server_url, transport=Recorder(fail=[busy(503, "soon")]), retries=0) as c:
+        with pytest.raises(LiftAPIError) as err:
+            c.models()
+    assert (err.value.status, err.value.retry_after) == (503, None)
+
+
 def test_other_errors_are_not_retried(server_url):
     recorder = Recorder()
     with LiftClient(server_url, transport=recorder, retries=3) as c:
