@@ -46,7 +46,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
+        loc = tuple(err.get("loc", ()))
+        where = ".".join(str(p) for p in loc if p not in ("query", "body", "path"))
+        if err.get("type") == "missing" and loc[:1] == ("query",):  # curl -F x=10 sends it in the body
+            parts.append(f"{where}: required query parameter missing; put it in the URL, e.g. ?{where}=...")
+            continue
         parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
 

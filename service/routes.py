@@ -128,6 +128,12 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return body
 
 
+def _query_names(request: Request) -> set[str]:
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    return {p.name for p in dependant.query_params} if dependant is not None else set()
+
+
 async def read_upload(request: Request, settings: Settings, files: set[str], fields: set[str],
                       raw_field: str | None) -> Upload:
     """Parse a multipart body (``files``/``fields`` allowed) or a raw ``image/*`` body (as ``raw_field``).
@@ -153,6 +159,9 @@ async def read_upload(request: Request, settings: Settings, files: set[str], fie
                     raise ServiceError(422, "not_a_file", f"form field {name!r} holds text ({value[:60]!r}), not a "
                                        f"file; upload the file itself, e.g. curl -F {name}=@photo.jpg")
                 if name not in fields:
+                    if name in _query_names(request):  # e.g. curl -F x=10: x belongs in the URL
+                        raise ServiceError(422, "unknown_field", f"{name!r} is a query parameter, not a form "
+                                           f"field: put it in the URL, e.g. {request.url.path}?{name}={value[:20]}")
                     raise ServiceError(422, "unknown_field", f"unknown form field {name!r}; accepted: "
                                        f"files {sorted(files)}, fields {sorted(fields)}")
                 out_fields[name] = value

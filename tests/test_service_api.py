@@ -284,6 +284,8 @@ BAD_REQUESTS = [
     ("unknown query", dict(url="/v1/features?iteration=1", content=b"x", headers=RAW), 422, "unknown_parameter"),
     ("unknown form field", dict(url="/v1/features", files={"picture": ("p.png", b"x")}), 422, "unknown_field"),
     ("text instead of a file", dict(url="/v1/features", data={"image": "photo.jpg"}), 422, "not_a_file"),
+    ("format as a form field", dict(url="/v1/similarity?x=1&y=1", data={"format": "json"},
+                                    files={"image": ("s.png", encode(noise(64, 64)))}), 422, "unknown_field"),
     ("bad value", dict(url="/v1/features?format=xml", content=b"x", headers=RAW), 422, "invalid_parameter"),
     ("iterations not offered", dict(url="/v1/features?iterations=3", content=encode(noise(64, 64)), headers=RAW),
      422, "invalid_parameter"),
@@ -314,6 +316,10 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(client, request_kwa
     assert message and "Traceback" not in message
     if code == "point_outside_image":
         assert "150x100" in message
+    if code == "unknown_field" and "data" in request_kwargs:
+        assert "'format' is a query parameter" in message and "/v1/similarity?format=json" in message
+    if "y=1" in request_kwargs["url"] and "x=" not in request_kwargs["url"]:
+        assert "x: required query parameter" in message and "?x=" in message
     if code == "not_a_file":
         assert "-F image=@photo.jpg" in message
     if code == "not_found":
