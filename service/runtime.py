@@ -224,7 +224,13 @@ class BundleRuntime:
         """Run each graph at each supported size once (batch 1) and check the output shape."""
         for k in self.iterations:
             for height, width in self.sizes:
-                features = self.run(np.zeros((1, height, width, 3), np.uint8), k)
+                try:
+                    features = self.run(np.zeros((1, height, width, 3), np.uint8), k)
+                except Exception as exc:  # ORT raises private types, e.g. a graph exported for one size
+                    raise BundleError(
+                        f"graph for {k} LiFT iterations cannot run at {height}x{width}, a size the manifest "
+                        f"lists ({type(exc).__name__}: {str(exc)[:300]}); re-export the bundle with `lift export`"
+                    ) from None
                 expected = (1, self.channels, *self.feature_size(height, width, k))
                 if features.shape != expected:
                     raise BundleError(

@@ -214,3 +214,33 @@ def test_manifest_multiple_must_be_the_patch_size(bundle_copy):
     edit_manifest(bundle_copy, lambda m: m["input"].update(multiple=8))
     with pytest.raises(BundleError, match="input.multiple 8 != backbone.patch_size 16"):
         read_manifest(bundle_copy)
+
+
+def test_graph_that_cannot_run_a_listed_size_is_refused(bundle_copy):
+    # A graph fixed to 64x64 (as a TorchScript export would be) in a manifest that also lists 64x96:
+    # warm-up used to end in ONNX Runtime's own exception instead of a BundleError.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["f"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("AveragePool", ["t"], ["p"], kernel_shape=[16, 16], strides=[16, 16]),
+        helper.make_node("Conv", ["p", "w"], ["features"]),
+    ]
+    weight = numpy_helper.from_array(np.ones((32, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        nodes, "fixed", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["B", 64, 64, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 32, 4, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, bundle_copy / "model_k0.onnx")
+
+    def only_k0(m):
+        m["graphs"] = [g for g in m["graphs"] if g["iterations"] == 0]
+        m["graphs"][0]["sha256"] = sha256_file(bundle_copy / "model_k0.onnx")
+        m["lift"].update(iterations=[0], default_iterations=0)
+
+    edit_manifest(bundle_copy, only_k0)
+    with pytest.raises(BundleError, match="graph for 0 LiFT iterations cannot run at 64x96"):
+        BundleRuntime(bundle_copy, providers=["cpu"])
