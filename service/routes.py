@@ -373,7 +373,8 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
         "similarity is exactly 1. `png` (default): colour-mapped heat map at the target's original size "
         "(blended over it with `overlay=true`); `npy`: the `[h, w]` map on the feature grid; `json`: the "
         "map plus how the grid maps onto the images. Headers `X-Feature-Id` / `X-Target-Feature-Id` let the "
-        "next click skip the upload; `X-Query-Cell` is `row,col`."),
+        "next click skip the upload; `X-Query-Cell` is `row,col`; `X-Feature-Stride`, `X-Input-Size` (`HxW`) "
+        "and `X-Image-Size` (`WxH`) describe the target's grid as in /v1/features."),
     dependencies=[only_query("x", "y", "format", "overlay", "alpha", "iterations", "feature_id", "target_id")],
     openapi_extra=multipart_doc({"image": "source image (or feature_id)", "target": "optional target image"},
                                 {"feature_id": "id from an earlier response instead of `image`",
@@ -420,7 +421,11 @@ async def similarity(
     np.clip(sim, -1.0, 1.0, out=sim)
     if target is source:
         sim[row, col] = 1.0  # the exact value; the normalised dot product may round to 1 - 1e-7
-    headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"{row},{col}"}
+    input_size, image_size = _size_text(target)
+    # The map is on the TARGET's grid: these say how that grid lies on the target image (as /v1/features).
+    headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"{row},{col}",
+               "X-Feature-Stride": f"{target.geometry.stride:g}", "X-Input-Size": input_size,
+               "X-Image-Size": image_size}
     if format == "npy":
         return Response(encode_npy(sim), media_type=NPY, headers=headers)
     if format == "json":

@@ -192,6 +192,9 @@ def test_cross_image_similarity_follows_a_rescaled_copy(client):
                         files={"image": ("a.png", encode(pixels))}, data={"target_id": target_id})
         body = r.json()
         assert r.headers["x-target-feature-id"] == target_id
+        # the map lies on the target's grid; the headers say how (as /v1/features does)
+        assert (r.headers["x-image-size"], r.headers["x-input-size"], r.headers["x-feature-stride"]) == (
+            "192x128", "64x96", "8")
         sim = np.array(body["similarity"])
         assert sim.shape == (8, 12)
         row, col = np.unravel_index(int(sim.argmax()), sim.shape)
