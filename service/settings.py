@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = none")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # LIFT_BUNDLE= (empty, as compose files write unset variables) means no bundle, not the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("demo_dir", "bundle", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:

@@ -250,6 +250,8 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.delenv("LIFT_MAX_BATCH_SIZE")
     assert Settings().max_batch_size == 8 and defaults.port == 8000 and defaults.max_pixels == 40_000_000
     assert str(Settings().demo_dir).endswith("lift-serve/demo-bundle")
+    monkeypatch.setenv("LIFT_BUNDLE", "")
+    assert Settings().bundle is None  # empty = unset, so startup says how to make a bundle
 
 
 def test_similarity_with_cached_norms_equals_the_plain_computation():
