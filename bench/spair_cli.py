@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     method = Method("backbone", 0) if args.mode == "backbone" else Method(args.mode, args.lift_iterations)
     pairs = read_spair_pairs(args.root, args.split, args.categories, args.max_pairs, args.sample_seed)
     source = open_feature_source(args)
-    if args.size % source.patch_size:
-        raise EvalError(f"--size {args.size} is not a multiple of the patch size {source.patch_size}")
+    if args.size < source.patch_size or args.size % source.patch_size:
+        raise EvalError(f"--size {args.size} is not a positive multiple of the patch size {source.patch_size}")
     results = evaluate_spair(pairs, source.feature_fn(method), args.size, ALPHAS, progress=not args.no_progress)
     report = {
         "eval": "spair",

@@ -46,3 +46,34 @@ def _parser_with(run):
     sub = parser.add_subparsers()
     sub.add_parser("boom").set_defaults(_run=run)
     return parser
+
+
+def test_eval_size_zero_or_negative_is_an_error_not_a_traceback(tmp_path, capsys):
+    # 0 and -16 pass a bare "multiple of the patch size" test and used to crash deep inside
+    # PIL, numpy or torch.
+    import json
+
+    import pytest
+    from PIL import Image
+
+    from bench.spair import make_synthetic_spair
+    from tests.conftest import tiny_spec_dict
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(tmp_path / "images" / "a.png")
+    make_synthetic_spair(tmp_path / "spair", pairs_per_category=1)
+    backbone = ["--backbone", "vit_tiny_patch16_224", "--backbone-weights", "random",
+                "--backbone-kwargs", json.dumps(tiny_spec_dict()["model_kwargs"])]
+    commands = {
+        "spair": ["eval", "spair", "--root", str(tmp_path / "spair"), "--mode", "backbone"],
+        "warp": ["eval", "warp", "--images", str(tmp_path / "images"), "--methods", "backbone", "--pairs", "1"],
+        "cka": ["eval", "cka", "--images", str(tmp_path / "images"), "--methods", "backbone"],
+    }
+    for name, argv in commands.items():
+        for size in ("0", "-16"):
+            try:
+                code = lift_cli.main([*argv, *backbone, "--size", size, "--out", str(tmp_path / f"{name}.json")])
+            except Exception as exc:  # noqa: BLE001 - the defect being tested is an escaping exception
+                pytest.fail(f"lift eval {name} --size {size} raised {type(exc).__name__}: {exc}")
+            assert code == 2
+            assert f"error: --size {size} is not a positive multiple of the patch size 16" in capsys.readouterr().err
