@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs = json.loads(args.backbone_kwargs)
     except ValueError as exc:
         raise EvalError(f"--sizes takes integers and --backbone-kwargs a JSON object: {exc}") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise EvalError(f"--sizes needs positive integers (multiples of the patch size), got {args.sizes!r}")
     methods = parse_methods(args.methods)
     spec = {**FLOPS_SPEC, "name": args.backbone, "layer": args.layer, "facet": args.facet, "model_kwargs": kwargs}
     try:

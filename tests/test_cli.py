@@ -77,3 +77,27 @@ def test_eval_size_zero_or_negative_is_an_error_not_a_traceback(tmp_path, capsys
                 pytest.fail(f"lift eval {name} --size {size} raised {type(exc).__name__}: {exc}")
             assert code == 2
             assert f"error: --size {size} is not a positive multiple of the patch size 16" in capsys.readouterr().err
+
+
+def test_flops_sizes_and_recon_imsize_must_be_positive(tmp_path, capsys):
+    from PIL import Image
+
+    from model.backbone import BackboneSpec, ViTBackbone
+    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from model.lift import LiFT
+    from tests.conftest import tiny_spec_dict
+
+    for sizes in ("0", "-16"):  # used to crash inside torch's flop counter
+        assert lift_cli.main(["eval", "flops", "--sizes", sizes, "--no-plot", "--out", str(tmp_path / "f.json")]) == 2
+        assert "error: --sizes needs positive integers" in capsys.readouterr().err
+    spec = BackboneSpec.from_dict(tiny_spec_dict())
+    backbone = ViTBackbone.from_spec(spec)
+    checkpoint = save_lift_checkpoint(tmp_path / "lift.safetensors", LiFT(32, 16), CheckpointMeta(
+        backbone=spec.to_dict(), channels=32, patch_size=16, mean=list(backbone.mean), std=list(backbone.std)))
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
+    # -64 is a "multiple of 64" and used to fail later with a misleading "none of the images could be decoded"
+    argv = ["eval", "recon", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "images"), "--imsize", "-64",
+            "--out", str(tmp_path / "r.json")]
+    assert lift_cli.main(argv) == 2
+    assert "error: --imsize -64 does not fit patch size 16" in capsys.readouterr().err

@@ -126,7 +126,7 @@ def check_config(config: TrainConfig) -> None:
 
 
 def check_imsize_for_patch(imsize: int, patch_size: int) -> None:
-    if imsize % (4 * patch_size):
+    if imsize < 4 * patch_size or imsize % (4 * patch_size):
         lower = max(4 * patch_size, imsize // (4 * patch_size) * 4 * patch_size)
         raise TrainError(
             f"--imsize {imsize} does not fit patch size {patch_size}: x/4 must be a whole number of "
