@@ -256,6 +256,36 @@ def test_touch_and_a_phone_sized_window(server_url, browser, tmp_path):
     assert driver.find_element("id", "heat-a").is_displayed()
 
 
+MARKER_FRACTION = """
+const img = document.getElementById('base-a'); const r = img.getBoundingClientRect();
+const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+const dw = img.naturalWidth * s, dh = img.naturalHeight * s;
+const m = document.getElementById('marker-a').getBoundingClientRect();
+return [(m.left + m.width / 2 - r.left - (r.width - dw) / 2) / dw,
+        (m.top + m.height / 2 - r.top - (r.height - dh) / 2) / dh];
+"""
+
+
+def test_marker_stays_on_its_point_when_the_layout_changes(server_url, browser, tmp_path):
+    """A reflow without a window resize (a scrollbar or banner appearing, a narrower panel) resizes the image."""
+    driver = browser
+    driver.set_window_size(1280, 860)
+    driver.get(server_url + "/")
+    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
+          "the page did not load")
+    driver.find_element("id", "file-a").send_keys(str(_save_png(_picture(120, 160, seed=4), tmp_path / "m.png")))
+    stage = driver.find_element("id", "stage-a")
+    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    _click_and_wait(driver, stage, 0.25, 0.25)
+    before = driver.execute_script(MARKER_FRACTION)
+    assert before == pytest.approx([0.25, 0.25], abs=0.02)
+    width = stage.rect["width"]
+    driver.execute_script("document.querySelector('.layout').style.gridTemplateColumns = '240px 360px'")
+    _wait(driver, lambda d: stage.rect["width"] < 0.8 * width, "the layout did not change")
+    _wait(driver, lambda d: d.execute_script(MARKER_FRACTION) == pytest.approx(before, abs=0.01),
+          f"the marker left its point after a reflow: {driver.execute_script(MARKER_FRACTION)} != {before}")
+
+
 def test_page_assets_are_served_without_a_network(server_url):
     """Everything the page loads comes from this server (no CDN)."""
     page = httpx.get(server_url + "/")

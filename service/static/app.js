@@ -352,7 +352,17 @@ function placeMarker(slot, x, y) {
   marker.style.left = `${box.offsetX + (x / image.width) * box.width}px`;
   marker.style.top = `${box.offsetY + (y / image.height) * box.height}px`;
   marker.hidden = false;
+  marker.dataset.x = String(x);
+  marker.dataset.y = String(y);
   $(`marker-${otherSlot(slot)}`).hidden = true;
+}
+
+function keepMarkerOnItsPoint(slot) {
+  // The marker is placed in pixels: whenever the image's box changes size (window resize, but also a
+  // scrollbar or banner appearing, the panel reflowing), put it back on its point of the image.
+  const marker = $(`marker-${slot}`);
+  if (marker.hidden || !state.images[slot] || marker.dataset.x === undefined) return;
+  placeMarker(slot, Number(marker.dataset.x), Number(marker.dataset.y));
 }
 
 function clearMaps() {
@@ -637,9 +647,13 @@ function bindControls() {
     rematchSoon();
   });
   window.addEventListener("resize", () => {
-    if (state.lastClick) placeMarker(state.lastClick.slot, state.lastClick.x, state.lastClick.y);
     if (state.mode === "matches") drawMatches();
   });
+  if (window.ResizeObserver) {
+    for (const slot of ["a", "b"]) new ResizeObserver(() => keepMarkerOnItsPoint(slot)).observe($(`base-${slot}`));
+  } else {
+    window.addEventListener("resize", () => ["a", "b"].forEach(keepMarkerOnItsPoint));
+  }
   // A file dropped anywhere else on the page goes to the first image (or both, when two).
   document.addEventListener("dragover", (e) => e.preventDefault());
   document.addEventListener("drop", (e) => {
