@@ -156,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = _int_list(args.sizes, "--sizes")
     batches = _int_list(args.batches, "--batches")
+    if args.repeats < 1 or args.threads < 0:
+        from model.options import OptionError
+
+        raise OptionError(f"--repeats must be >= 1 and --threads >= 0 (0 = all cores), got {args.repeats} "
+                          f"and {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bundle: {args.bundle} (exported once, then reused)", flush=True)

@@ -101,3 +101,14 @@ def test_flops_sizes_and_recon_imsize_must_be_positive(tmp_path, capsys):
             "--out", str(tmp_path / "r.json")]
     assert lift_cli.main(argv) == 2
     assert "error: --imsize -64 does not fit patch size 16" in capsys.readouterr().err
+
+
+def test_bench_repeats_and_threads_are_checked_before_any_work(tmp_path, capsys):
+    # bench export --repeats 0 used to export the demo bundle and time nothing, then crash in min();
+    # bench train --threads -1 crashed in torch.set_num_threads.
+    assert lift_cli.main(["bench", "export", "--repeats", "0", "--bundle", str(tmp_path / "b"),
+                          "--out", str(tmp_path / "e.json")]) == 2
+    assert "error: --repeats must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert lift_cli.main(["bench", "train", "--threads", "-1", "--out", str(tmp_path / "t.json")]) == 2
+    assert "error: --threads must be >= 1" in capsys.readouterr().err

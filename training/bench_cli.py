@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         raise TrainError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise TrainError(f"--threads must be >= 1 (or left out for torch's choice), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
