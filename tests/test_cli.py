@@ -101,6 +101,10 @@ def test_flops_sizes_and_recon_imsize_must_be_positive(tmp_path, capsys):
             "--out", str(tmp_path / "r.json")]
     assert lift_cli.main(argv) == 2
     assert "error: --imsize -64 does not fit patch size 16" in capsys.readouterr().err
+    for count in ("0", "-1"):  # 0 used to mean every image and -1 all but the last
+        argv[argv.index("--imsize") + 1] = "64"
+        assert lift_cli.main([*argv, "--max-images", count]) == 2
+        assert f"error: --max-images must be >= 1, got {count}" in capsys.readouterr().err
 
 
 def test_bench_repeats_and_threads_are_checked_before_any_work(tmp_path, capsys):

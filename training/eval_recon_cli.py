@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     downsample = args.downsample or ((meta.extra or {}).get("downsample") if meta else None) or "stride"
     if args.batch_size < 1:
         raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise TrainError(f"--max-images must be >= 1, got {args.max_images}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     backbone.to(device)
