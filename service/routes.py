@@ -314,7 +314,10 @@ async def features(
         raise ServiceError(400, "empty_body", "no image was sent: use multipart field 'image' (repeatable) "
                            "or a raw image/* body, e.g. curl -F image=@photo.jpg")
     k = pipeline.iterations(iterations)
-    entries = await asyncio.gather(*(_numbered_entry(pipeline, request, data, k, i, len(images))
+    # A request's images enter the queue a batch at a time: with all of them at once, a request with more
+    # images than LIFT_MAX_QUEUE would be refused (429) by its own back-pressure, on every retry.
+    admit = asyncio.Semaphore(max(1, min(settings.effective_batch_size, settings.max_queue)))
+    entries = await asyncio.gather(*(_numbered_entry(pipeline, request, data, k, i, len(images), admit)
                                      for i, data in enumerate(images)))
     if format == "json":
         total = sum(e.features.size for e in entries)
@@ -342,10 +345,11 @@ async def features(
 
 
 async def _numbered_entry(pipeline: FeatureService, request: Request, data: bytes, k: int, index: int,
-                          count: int) -> FeatureEntry:
-    """:func:`_entry` for image ``index`` of ``count``; an error names which image failed."""
+                          count: int, admit: asyncio.Semaphore) -> FeatureEntry:
+    """:func:`_entry` for image ``index`` of ``count`` once ``admit`` lets it in; errors name the image."""
     try:
-        return await _entry(pipeline, request, data, None, k, "uploaded")
+        async with admit:
+            return await _entry(pipeline, request, data, None, k, "uploaded")
     except ServiceError as exc:
         if count > 1:
             exc.message = f"image {index + 1} of {count} (multipart field 'image' #{index + 1}): {exc.message}"

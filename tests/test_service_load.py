@@ -72,6 +72,32 @@ def test_queue_overflow_answers_429_with_retry_after(tiny_bundle, runtime):
     assert metric(text, 'lift_rejected_total{reason="queue_full"}') == 1
 
 
+class _SlowRuntime:
+    """The real runtime, 30 ms slower per batch (so that a queue can fill up)."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def run(self, images, iterations=None):
+        time.sleep(0.03)
+        return self._runtime.run(images, iterations)
+
+
+def test_one_request_with_more_images_than_the_queue_holds_is_served(tiny_bundle, runtime):
+    app = make_app(tiny_bundle, _SlowRuntime(runtime), max_batch_size=2, max_wait_ms=20, max_queue=2)
+    files = [("image", (f"{i}.png", data)) for i, data in enumerate(_images(10, seed=500))]
+
+    async def scenario(client):
+        return await client.post("/v1/features", files=files)
+
+    r = asyncio.run(run_async(app, scenario))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-feature-shape"] == "10,32,8,8"
+
+
 def test_request_timeout_is_504(tiny_bundle, runtime):
     app = make_app(tiny_bundle, runtime, max_batch_size=8, max_wait_ms=1000, request_timeout_s=0.1)
 
