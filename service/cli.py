@@ -74,7 +74,13 @@ def run(args: argparse.Namespace) -> int:
     # The graphs load after the server starts (so /healthz answers meanwhile); a bundle that cannot
     # load (missing or corrupt graph) stops the command rather than leaving a server that only says 503.
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port} (the reason is logged above, e.g. the "
+                          "port is in use); choose another with --port / LIFT_PORT or --host / LIFT_HOST") from None
     if state.load_error:
         raise ConfigError(f"cannot serve {settings.bundle}: {state.load_error}")
     return 0

@@ -94,6 +94,20 @@ def test_serve_exits_2_when_the_bundle_cannot_load(tiny_bundle, tmp_path, capsys
     assert "error: cannot serve" in err and "missing" in err and "Traceback" not in err
 
 
+def test_serve_exits_2_when_the_port_is_taken(tiny_bundle, capsys):
+    import socket
+
+    import lift_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert lift_cli.main(["serve", "--bundle", str(tiny_bundle), "--port", str(port), "--log-level", "error"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "Traceback" not in err
+
+
 # -- features ---------------------------------------------------------------------------------------
 def test_features_npy_equal_the_runtime_on_the_planned_input(client, runtime):
     from service.codec import decode_image
