@@ -154,6 +154,10 @@ class ImageGeometry:
     def to_cell(self, x: float, y: float) -> tuple[int, int]:
         """The feature cell ``(row, col)`` containing original point ``(x, y)``.
 
+        With ``keep_aspect``, a point in a last partial cell whose centre lies on the padding maps to
+        its neighbour centred on the image (:attr:`content_grid`), whose descriptor sees the image
+        rather than mostly black padding.
+
         Raises:
             ValueError: the point is outside the image (message names the image size).
         """
@@ -163,9 +167,8 @@ class ImageGeometry:
                 f"(width x height): need 0 <= x < {self.width} and 0 <= y < {self.height}"
             )
         u, v = self.to_input(x, y)
-        col = min(int(u // self.stride), self.grid_width - 1)
-        row = min(int(v // self.stride), self.grid_height - 1)
-        return row, col
+        rows, cols = self.content_grid
+        return min(int(v // self.stride), rows - 1), min(int(u // self.stride), cols - 1)
 
     def cell_center(self, row: float, col: float) -> tuple[float, float]:
         """Centre of feature cell ``(row, col)`` in original pixels ``(x, y)``."""

@@ -66,6 +66,13 @@ def test_keep_aspect_pads_bottom_right_and_excludes_padding_cells():
     assert (pixels[:24] == (200, 100, 50)).all() and (pixels[24:] == 0).all()
     assert g.to_cell(199, 49) == (2, 11)
 
+    # 90x70 -> content 82x64: column 10 covers input 80..88, centred on padding; its points use column 9.
+    g = ImageGeometry.plan(90, 70, SIZES, "keep_aspect", stride=8.0)
+    assert (g.content_width, g.content_height, g.content_grid) == (82, 64, (8, 10))
+    assert g.to_cell(89.5, 69.5) == (7, 9) and g.to_cell(75, 10) == (1, 8)
+    cx, cy = g.cell_center(*g.to_cell(89.5, 69.5))
+    assert g.contains(cx, cy)
+
 
 # -- codec ------------------------------------------------------------------------------------------
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
