@@ -286,6 +286,29 @@ def test_marker_stays_on_its_point_when_the_layout_changes(server_url, browser, 
           f"the marker left its point after a reflow: {driver.execute_script(MARKER_FRACTION)} != {before}")
 
 
+def test_a_failed_click_leaves_the_marker_on_the_shown_map(server_url, browser, tmp_path):
+    driver = browser
+    driver.set_window_size(1280, 860)
+    driver.get(server_url + "/")
+    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
+          "the page did not load")
+    driver.find_element("id", "file-a").send_keys(str(_save_png(_picture(120, 160, seed=5), tmp_path / "f.png")))
+    stage = driver.find_element("id", "stage-a")
+    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    _click_and_wait(driver, stage, 0.25, 0.25)
+    shown = driver.execute_script(MARKER_FRACTION)
+    # The server forgets the features and refuses new work: the next click fails.
+    driver.execute_script("window.fetch = () => Promise.resolve(new Response("
+                          "JSON.stringify({error: {code: 'unavailable', message: 'the server is restarting'}}),"
+                          "{status: 503, headers: {'Content-Type': 'application/json'}}))")
+    _click(driver, stage, 0.75, 0.75)
+    error = driver.find_element("id", "error")
+    _wait(driver, lambda d: error.is_displayed(), "the failed click's error was not shown")
+    assert "the server is restarting" in error.text
+    _wait(driver, lambda d: d.execute_script(MARKER_FRACTION) == pytest.approx(shown, abs=0.01),
+          "after a failed click the marker is not on the point of the map still shown")
+
+
 def test_page_assets_are_served_without_a_network(server_url):
     """Everything the page loads comes from this server (no CDN)."""
     page = httpx.get(server_url + "/")

@@ -393,6 +393,10 @@ async function drainPoints() {
       await showSimilarity(point);
     } catch (err) {
       showError(err);
+      // The marker moved to the failed point: put it back on the point of the map shown, if any.
+      const last = state.lastClick;
+      if (last) placeMarker(last.slot, last.x, last.y);
+      else for (const slot of ["a", "b"]) $(`marker-${slot}`).hidden = true;
     }
   }
   state.inflight = false;
