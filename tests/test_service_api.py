@@ -346,6 +346,31 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(client, request_kwa
     _ok_after(client)
 
 
+def test_an_unexpected_failure_is_a_plain_json_500_and_the_server_goes_on(tiny_bundle, runtime, caplog):
+    from fastapi.testclient import TestClient
+
+    class FailingOnce:
+        failed = False
+
+        def __getattr__(self, name):
+            return getattr(runtime, name)
+
+        def run(self, images, iterations=None):
+            if not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise RuntimeError("secret detail at /opt/internal.py line 3")
+            return runtime.run(images, iterations)
+
+    with TestClient(make_app(tiny_bundle, FailingOnce(), max_wait_ms=0), raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            pass
+        r = client.post("/v1/features", content=encode(noise(64, 64, seed=7)), headers=RAW)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "secret" not in r.text and "Traceback" not in r.text
+        assert "secret detail" in caplog.text  # logged on the server
+        _ok_after(client)
+
+
 def test_upload_over_the_byte_limit_is_413(tiny_bundle, runtime):
     with started_client(make_app(tiny_bundle, runtime, max_upload_bytes=20_000)) as client:
         big = encode(noise(128, 128))
