@@ -219,6 +219,11 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         BundleError: the directory or manifest is missing, not JSON, or fails :func:`validate_manifest`.
     """
     bundle_dir = Path(bundle_dir)
+    if bundle_dir.is_file():
+        raise BundleError(
+            f"{bundle_dir} is a file, but a bundle is a directory holding manifest.json and the ONNX graphs; "
+            "pass the directory that `lift export --out DIR` wrote"
+        )
     if not bundle_dir.is_dir():
         raise BundleError(
             f"bundle directory {bundle_dir} does not exist; create one with `lift export --out {bundle_dir}` "

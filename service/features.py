@@ -43,6 +43,7 @@ class FeatureService:
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
+        self._check_cache_budget(runtime, settings.cache_bytes)
         self.cache = FeatureCache(settings.cache_bytes, on_hit=metrics.cache_hits.inc, on_miss=metrics.cache_misses.inc)
         self.batcher = MicroBatcher(
             runtime.run,
@@ -54,6 +55,26 @@ class FeatureService:
                              on_drop=lambda reason: metrics.dropped.labels(reason).inc(),
                              on_depth=metrics.queue_depth.set),
         )
+
+    @staticmethod
+    def _check_cache_budget(runtime, cache_bytes: int) -> None:
+        """Refuse a cache budget that cannot hold one image's features (0 = caching off is allowed).
+
+        Such a cache would hand out feature ids that are already evicted, so every re-click fails.
+        """
+        if cache_bytes <= 0:
+            return
+        largest = max(
+            runtime.channels * h * w * 4
+            for height, width in runtime.sizes
+            for k in runtime.iterations
+            for h, w in [runtime.feature_size(height, width, k)]
+        )
+        if cache_bytes < largest:
+            raise ValueError(
+                f"LIFT_CACHE_BYTES={cache_bytes} cannot hold the features of one image (up to {largest} bytes "
+                f"for this bundle); set it to at least {largest * 4} to keep a few images, or 0 to turn caching off"
+            )
 
     def iterations(self, requested: int | None) -> int:
         """The LiFT iteration count to use (422 if the bundle has no graph for it)."""

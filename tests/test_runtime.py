@@ -84,6 +84,13 @@ def test_missing_bundle_dir(tmp_path):
         BundleRuntime(tmp_path / "nowhere")
 
 
+def test_a_file_given_as_bundle_is_named_as_a_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"not a bundle")
+    with pytest.raises(BundleError, match="model.onnx is a file, but a bundle is a directory"):
+        read_manifest(path)
+
+
 def test_missing_manifest(bundle_copy):
     (bundle_copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest.json is missing"):

@@ -315,3 +315,17 @@ def test_batcher_waits_to_refill_the_previous_batch_size():
 
     asyncio.run(main())
     assert [shape[0] for shape, _ in calls] == [2, 2]
+
+
+def test_a_cache_budget_below_one_image_is_refused_at_startup(tiny_bundle):
+    from service.features import FeatureService
+    from service.metrics import ServiceMetrics
+    from service.runtime import BundleRuntime
+    from service.settings import Settings
+
+    runtime = BundleRuntime(tiny_bundle, providers=("cpu",), warmup=False)
+    with pytest.raises(ValueError, match="LIFT_CACHE_BYTES=1000 cannot hold the features of one image"):
+        FeatureService(runtime, Settings(bundle=tiny_bundle, cache_bytes=1000), ServiceMetrics())
+    # caching off, and a budget that holds a few images, are both fine
+    FeatureService(runtime, Settings(bundle=tiny_bundle, cache_bytes=0), ServiceMetrics())
+    FeatureService(runtime, Settings(bundle=tiny_bundle, cache_bytes=1 << 20), ServiceMetrics())
