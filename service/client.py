@@ -312,8 +312,9 @@ class _Core:
     def remember(self, data: bytes, iterations: int | None, feature_id: str | None) -> None:
         if not (self.reuse_features and feature_id):
             return
-        self._ids[(_digest(data), iterations)] = feature_id
-        self._ids.move_to_end((_digest(data), iterations))
+        key = (_digest(data), iterations)
+        self._ids[key] = feature_id
+        self._ids.move_to_end(key)
         while len(self._ids) > _ID_MEMORY:
             self._ids.popitem(last=False)
 
