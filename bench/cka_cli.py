@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.eval_common import (
         EvalError,
         Method,
+        check_size,
         list_images,
         load_rgb,
         open_feature_source,
@@ -46,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise EvalError("--max-images must be >= 1")
     paths = list_images(args.images)[: args.max_images]
     source = open_feature_source(args)
-    if args.size < source.patch_size or args.size % source.patch_size:
-        raise EvalError(f"--size {args.size} is not a positive multiple of the patch size {source.patch_size}")
+    check_size(args.size, source.patch_size)
     has_lift = getattr(source, "lift", None) is not None or args.bundle is not None
     methods = parse_methods(args.methods or (DEFAULT_METHODS if has_lift else "backbone,bilinear:1"))
     images = [square_crop(load_rgb(p), args.size) for p in paths]

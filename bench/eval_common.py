@@ -249,6 +249,12 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     add_backbone_arguments(parser)
 
 
+def check_size(size: int, patch_size: int) -> None:
+    """Raise EvalError unless ``size`` (the --size option) is a positive multiple of the patch size."""
+    if size < patch_size or size % patch_size:
+        raise EvalError(f"--size {size} is not a positive multiple of the patch size {patch_size}")
+
+
 def open_feature_source(args: argparse.Namespace):
     """TorchFeatureSource or BundleFeatureSource from --checkpoint/--bundle and the backbone options.
 

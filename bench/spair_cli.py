@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.eval_common import EvalError, Method, open_feature_source, plot_path, write_json
+    from bench.eval_common import EvalError, Method, check_size, open_feature_source, plot_path, write_json
     from bench.spair import ALPHAS, evaluate_spair, read_spair_pairs
 
     if args.lift_iterations < 1 and args.mode != "backbone":
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     method = Method("backbone", 0) if args.mode == "backbone" else Method(args.mode, args.lift_iterations)
     pairs = read_spair_pairs(args.root, args.split, args.categories, args.max_pairs, args.sample_seed)
     source = open_feature_source(args)
-    if args.size < source.patch_size or args.size % source.patch_size:
-        raise EvalError(f"--size {args.size} is not a positive multiple of the patch size {source.patch_size}")
+    check_size(args.size, source.patch_size)
     results = evaluate_spair(pairs, source.feature_fn(method), args.size, ALPHAS, progress=not args.no_progress)
     report = {
         "eval": "spair",

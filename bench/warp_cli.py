@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bench.eval_common import (
         EvalError,
+        check_size,
         list_images,
         open_feature_source,
         parse_float_list,
@@ -61,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = parse_float_list(args.thresholds, "--thresholds")
     images = list_images(args.images)
     source = open_feature_source(args)
-    if args.size < source.patch_size or args.size % source.patch_size:
-        raise EvalError(f"--size {args.size} is not a positive multiple of the patch size {source.patch_size}")
+    check_size(args.size, source.patch_size)
     has_lift = getattr(source, "lift", None) is not None or args.bundle is not None
     methods = parse_methods(args.methods or (DEFAULT_METHODS if has_lift else "backbone,bilinear:1,bilinear:2"))
     config = WarpConfig(args.max_rotation, args.max_scale, args.max_translation, args.max_perspective,
