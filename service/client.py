@@ -33,6 +33,7 @@ import datetime
 import email.utils
 import hashlib
 import io
+import itertools
 import json
 import os
 import time
@@ -321,6 +322,14 @@ class _Core:
     def forget(self) -> None:
         self._ids.clear()
 
+    # retries ---------------------------------------------------------------------------------
+    def retry_wait(self, response: httpx.Response, attempt: int) -> float:
+        """Seconds to wait before retrying failed ``response`` (``attempt`` retries so far); raises if not retried."""
+        error = _error_from(response)
+        if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
+            raise error
+        return _retry_wait(error, self.max_retry_wait)
+
     # request builders ------------------------------------------------------------------------
     @staticmethod
     def features_call(datas: Sequence[bytes], dtype: str, iterations: int | None) -> _Call:
@@ -389,8 +398,22 @@ class _Core:
         if b is not None:
             self.remember(b, iterations, response.headers.get("x-feature-id-b"))
 
+    def features_array(self, response: httpx.Response, datas: Sequence[bytes], iterations: int | None,
+                       many: bool) -> np.ndarray:
+        """The descriptors of a ``/v1/features`` answer ([N, C, h, w] if ``many``), each image's id remembered."""
+        results = _features_result(response)
+        for data, result in zip(datas, results, strict=True):
+            self.remember(data, iterations, result.feature_id)
+        return np.stack([r.array for r in results]) if many else results[0].array
+
     def similarity_result(self, response: httpx.Response, fmt: str) -> np.ndarray | bytes:
         return response.content if fmt == "png" else _load_npy(response)
+
+
+def _image_list(image: ImageInput | Sequence[ImageInput]) -> tuple[list[bytes], bool]:
+    """The bytes of one image, or of each image of a list/tuple; and whether a list/tuple was given."""
+    many = isinstance(image, (list, tuple))
+    return ([image_bytes(i) for i in image] if many else [image_bytes(image)]), many
 
 
 def _optional_bytes(image: ImageInput | None) -> bytes | None:
@@ -433,19 +456,14 @@ class LiftClient:
         self._http.close()
 
     def _send(self, call: _Call) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 response = self._http.request(call.method, call.path, **call.kwargs())
             except httpx.TransportError as exc:
                 raise _transport_error(exc, self._core.base_url) from exc
             if response.is_success:
                 return response
-            error = _error_from(response)
-            if response.status_code not in RETRY_STATUSES or attempt >= self._core.retries:
-                raise error
-            attempt += 1
-            time.sleep(_retry_wait(error, self._core.max_retry_wait))
+            time.sleep(self._core.retry_wait(response, attempt))
 
     def _with_fresh_ids(self, build: Callable[[bool], _Call]) -> httpx.Response:
         """Send with remembered ids; if the server forgot one, send the images again (once)."""
@@ -489,12 +507,9 @@ class LiftClient:
             [C, h, w] for one image, [N, C, h, w] for a list (all images must map to the same
             model input size for the stack; otherwise send them one by one).
         """
-        many = isinstance(image, (list, tuple))
-        datas = [image_bytes(i) for i in image] if many else [image_bytes(image)]
-        results = _features_result(self._send(self._core.features_call(datas, dtype, iterations)))
-        for data, result in zip(datas, results, strict=True):
-            self._core.remember(data, iterations, result.feature_id)
-        return np.stack([r.array for r in results]) if many else results[0].array
+        datas, many = _image_list(image)
+        response = self._send(self._core.features_call(datas, dtype, iterations))
+        return self._core.features_array(response, datas, iterations, many)
 
     def similarity(self, image: ImageInput | None, x: float, y: float, target: ImageInput | None = None,
                    format: Literal["npy", "png"] = "npy", overlay: bool = True, alpha: float = 0.6,
@@ -567,19 +582,14 @@ class AsyncLiftClient:
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 response = await self._http.request(call.method, call.path, **call.kwargs())
             except httpx.TransportError as exc:
                 raise _transport_error(exc, self._core.base_url) from exc
             if response.is_success:
                 return response
-            error = _error_from(response)
-            if response.status_code not in RETRY_STATUSES or attempt >= self._core.retries:
-                raise error
-            attempt += 1
-            await asyncio.sleep(_retry_wait(error, self._core.max_retry_wait))
+            await asyncio.sleep(self._core.retry_wait(response, attempt))
 
     async def _with_fresh_ids(self, build: Callable[[bool], _Call]) -> httpx.Response:
         call = build(True)
@@ -612,12 +622,9 @@ class AsyncLiftClient:
     async def features(self, image: ImageInput | Sequence[ImageInput], dtype: str = "float32",
                        iterations: int | None = None) -> np.ndarray:
         """See :meth:`LiftClient.features`: [C, h, w], or [N, C, h, w] for a list."""
-        many = isinstance(image, (list, tuple))
-        datas = [image_bytes(i) for i in image] if many else [image_bytes(image)]
-        results = _features_result(await self._send(self._core.features_call(datas, dtype, iterations)))
-        for data, result in zip(datas, results, strict=True):
-            self._core.remember(data, iterations, result.feature_id)
-        return np.stack([r.array for r in results]) if many else results[0].array
+        datas, many = _image_list(image)
+        response = await self._send(self._core.features_call(datas, dtype, iterations))
+        return self._core.features_array(response, datas, iterations, many)
 
     async def similarity(self, image: ImageInput | None, x: float, y: float, target: ImageInput | None = None,
                          format: Literal["npy", "png"] = "npy", overlay: bool = True, alpha: float = 0.6,
@@ -638,23 +645,21 @@ class AsyncLiftClient:
                     min_score: float | None = None, iterations: int | None = None,
                     feature_id_a: str | None = None, feature_id_b: str | None = None) -> list[Match]:
         """See :meth:`LiftClient.match`."""
-        da, db = _optional_bytes(a), _optional_bytes(b)
-        response = await self._with_fresh_ids(
-            lambda reuse: self._core.match_call(da, db, feature_id_a, feature_id_b, "json", max_matches,
-                                                min_score, iterations, reuse)
-        )
-        self._core.learn_match(response, da, db, iterations)
-        return _matches(response)
+        return _matches(await self._match(a, b, "json", max_matches, min_score, iterations, feature_id_a,
+                                          feature_id_b))
 
     async def match_image(self, a: ImageInput | None, b: ImageInput | None, max_matches: int | None = None,
                           min_score: float | None = None, iterations: int | None = None) -> bytes:
         """See :meth:`LiftClient.match_image`."""
+        return (await self._match(a, b, "png", max_matches, min_score, iterations, None, None)).content
+
+    async def _match(self, a, b, fmt, max_matches, min_score, iterations, fid_a, fid_b) -> httpx.Response:
         da, db = _optional_bytes(a), _optional_bytes(b)
         response = await self._with_fresh_ids(
-            lambda reuse: self._core.match_call(da, db, None, None, "png", max_matches, min_score, iterations, reuse)
+            lambda reuse: self._core.match_call(da, db, fid_a, fid_b, fmt, max_matches, min_score, iterations, reuse)
         )
         self._core.learn_match(response, da, db, iterations)
-        return response.content
+        return response
 
 
 __all__ = ["AsyncLiftClient", "Features", "ImageInput", "LiftAPIError", "LiftClient", "Match", "image_bytes"]
