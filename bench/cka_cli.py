@@ -32,15 +32,15 @@ def run(args: argparse.Namespace) -> int:
         EvalError,
         Method,
         check_size,
+        finish_report,
         list_images,
         load_rgb,
         open_feature_source,
         parse_float_list,
         parse_methods,
-        plot_path,
         square_crop,
-        write_json,
     )
+    from bench.plots import plot_cka
 
     scales = parse_float_list(args.scales, "--scales")
     if args.max_images < 1:
@@ -62,16 +62,7 @@ def run(args: argparse.Namespace) -> int:
         "source": source.describe(),
         "results": results,
     }
-    write_json(args.out, report)
-    print(format_table(results))
-    print(f"-> {args.out}")
-    png = plot_path(args)
-    if png is not None:
-        from bench.plots import plot_cka
-
-        plot_cka(report, png)
-        print(f"plot -> {png}")
-    return 0
+    return finish_report(args, report, f"{format_table(results)}\n-> {args.out}", plot_cka)
 
 
 def format_table(results: dict) -> str:

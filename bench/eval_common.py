@@ -301,6 +301,19 @@ def plot_path(args: argparse.Namespace) -> Path | None:
     return Path(args.plot) if args.plot else Path(args.out).with_suffix(".png")
 
 
+def finish_report(args: argparse.Namespace, report: dict[str, Any], summary: str,
+                  plot: Callable[[dict[str, Any], Path], Any]) -> int:
+    """The common end of every ``lift eval`` command: write ``report`` to --out, print ``summary``,
+    draw ``plot(report, png)`` unless --no-plot; returns the exit status 0."""
+    write_json(args.out, report)
+    print(summary)
+    png = plot_path(args)
+    if png is not None:
+        plot(report, png)
+        print(f"plot -> {png}")
+    return 0
+
+
 def percent(values: Sequence[bool] | np.ndarray) -> float:
     """Share of true values in percent (0 for an empty list)."""
     values = np.asarray(values, dtype=bool)

@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from bench.eval_common import EvalError, parse_methods, plot_path, write_json
+    from bench.eval_common import EvalError, finish_report, parse_methods
     from bench.flops import FLOPS_SPEC, flops_table, pck_points
+    from bench.plots import plot_flops
 
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -68,16 +69,7 @@ def run(args: argparse.Namespace) -> int:
                  "the thop profiler does (reproduces the paper's LiFT cost); params in units",
         "rows": rows,
     }
-    write_json(args.out, report)
-    print(format_table(rows, metrics))
-    print(f"-> {args.out}")
-    png = plot_path(args)
-    if png is not None:
-        from bench.plots import plot_flops
-
-        plot_flops(report, png)
-        print(f"plot -> {png}")
-    return 0
+    return finish_report(args, report, f"{format_table(rows, metrics)}\n-> {args.out}", plot_flops)
 
 
 def format_table(rows: list[dict], metrics: list[str]) -> str:

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.eval_common import EvalError, Method, check_size, open_feature_source, plot_path, write_json
+    from bench.eval_common import EvalError, Method, check_size, finish_report, open_feature_source
+    from bench.plots import plot_spair
     from bench.spair import ALPHAS, evaluate_spair, read_spair_pairs
 
     if args.lift_iterations < 1 and args.mode != "backbone":
@@ -54,14 +55,7 @@ def run(args: argparse.Namespace) -> int:
         "source": source.describe(),
         "results": results,
     }
-    write_json(args.out, report)
     overall = results["overall"]
-    print(f"{method.label} @ {args.size}: " + " | ".join(f"PCK@{a}: {overall[f'pck@{a}']:.2f}" for a in ALPHAS)
-          + f"  ({overall['categories']} categories, {overall['pairs']} pairs) -> {args.out}")
-    png = plot_path(args)
-    if png is not None:
-        from bench.plots import plot_spair
-
-        plot_spair(report, png)
-        print(f"plot -> {png}")
-    return 0
+    summary = (f"{method.label} @ {args.size}: " + " | ".join(f"PCK@{a}: {overall[f'pck@{a}']:.2f}" for a in ALPHAS)
+               + f"  ({overall['categories']} categories, {overall['pairs']} pairs) -> {args.out}")
+    return finish_report(args, report, summary, plot_spair)

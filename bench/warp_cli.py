@@ -43,13 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from bench.eval_common import (
         EvalError,
         check_size,
+        finish_report,
         list_images,
         open_feature_source,
         parse_float_list,
         parse_methods,
-        plot_path,
-        write_json,
     )
+    from bench.plots import plot_warp
     from bench.warp import WarpConfig, evaluate_warp, make_pairs
 
     if args.pairs < 1:
@@ -80,16 +80,7 @@ def run(args: argparse.Namespace) -> int:
         "source": source.describe(),
         "results": results,
     }
-    write_json(args.out, report)
-    print(format_table(results, thresholds))
-    print(f"-> {args.out}")
-    png = plot_path(args)
-    if png is not None:
-        from bench.plots import plot_warp
-
-        plot_warp(report, png)
-        print(f"plot -> {png}")
-    return 0
+    return finish_report(args, report, f"{format_table(results, thresholds)}\n-> {args.out}", plot_warp)
 
 
 def format_table(results: dict, thresholds) -> str:
