@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from service.app import DEMO_WARNING, STATIC_DIR, ServiceState
 from service.cache import FeatureEntry
 from service.codec import decode_image, encode_npy, encode_png
-from service.errors import ServiceError
+from service.errors import ServiceError, error_body
 from service.features import FeatureService
 from service.matching import mutual_nearest_neighbors, similarity_map
 from service.render import heatmap_png_image, match_png_image
@@ -33,8 +33,8 @@ MAX_MATCH_PAIRS = 64_000_000  # cells_a * cells_b: the similarity matrix is 4 by
 MAX_JSON_VALUES = 20_000_000
 
 ERROR_RESPONSES = {
-    status: {"description": text, "content": {"application/json": {"example": {
-        "error": {"code": code, "message": "what went wrong and what to do"}}}}}
+    status: {"description": text, "content": {"application/json": {
+        "example": error_body(code, "what went wrong and what to do")}}}
     for status, code, text in [
         (400, "empty_body", "empty body, missing image, corrupt image"),
         (404, "unknown_feature_id", "feature id unknown or evicted: send the image again"),
