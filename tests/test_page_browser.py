@@ -132,6 +132,18 @@ def _server_message(url: str, data: bytes) -> str:
     return response.json()["error"]["message"]
 
 
+def _page_with_image(driver, url: str, window: tuple[int, int], image: Path):
+    """Load the page in a ``window``-sized window, upload ``image`` as image A and return its stage once shown."""
+    driver.set_window_size(*window)
+    driver.get(url + "/")
+    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
+          "the page did not load")
+    driver.find_element("id", "file-a").send_keys(str(image))
+    stage = driver.find_element("id", "stage-a")
+    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    return stage
+
+
 def test_click_a_point_page(server_url, browser, tmp_path):
     driver = browser
     driver.set_window_size(1280, 860)
@@ -232,14 +244,8 @@ def test_touch_and_a_phone_sized_window(server_url, browser, tmp_path):
     from selenium.webdriver.common.actions.pointer_input import PointerInput
 
     driver = browser
-    driver.set_window_size(390, 844)
-    driver.get(server_url + "/")
-    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
-          "the page did not load")
-    a = _save_png(_picture(200, 150, seed=3), tmp_path / "tall.png")
-    driver.find_element("id", "file-a").send_keys(str(a))
-    stage = driver.find_element("id", "stage-a")
-    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    image = _save_png(_picture(200, 150, seed=3), tmp_path / "tall.png")
+    stage = _page_with_image(driver, server_url, (390, 844), image)
     # Nothing wider than the phone's viewport.
     assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     assert stage.rect["width"] <= driver.execute_script("return window.innerWidth")
@@ -269,13 +275,8 @@ return [(m.left + m.width / 2 - r.left - (r.width - dw) / 2) / dw,
 def test_marker_stays_on_its_point_when_the_layout_changes(server_url, browser, tmp_path):
     """A reflow without a window resize (a scrollbar or banner appearing, a narrower panel) resizes the image."""
     driver = browser
-    driver.set_window_size(1280, 860)
-    driver.get(server_url + "/")
-    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
-          "the page did not load")
-    driver.find_element("id", "file-a").send_keys(str(_save_png(_picture(120, 160, seed=4), tmp_path / "m.png")))
-    stage = driver.find_element("id", "stage-a")
-    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    image = _save_png(_picture(120, 160, seed=4), tmp_path / "m.png")
+    stage = _page_with_image(driver, server_url, (1280, 860), image)
     _click_and_wait(driver, stage, 0.25, 0.25)
     before = driver.execute_script(MARKER_FRACTION)
     assert before == pytest.approx([0.25, 0.25], abs=0.02)
@@ -288,13 +289,8 @@ def test_marker_stays_on_its_point_when_the_layout_changes(server_url, browser, 
 
 def test_a_failed_click_leaves_the_marker_on_the_shown_map(server_url, browser, tmp_path):
     driver = browser
-    driver.set_window_size(1280, 860)
-    driver.get(server_url + "/")
-    _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "idle",
-          "the page did not load")
-    driver.find_element("id", "file-a").send_keys(str(_save_png(_picture(120, 160, seed=5), tmp_path / "f.png")))
-    stage = driver.find_element("id", "stage-a")
-    _wait(driver, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+    image = _save_png(_picture(120, 160, seed=5), tmp_path / "f.png")
+    stage = _page_with_image(driver, server_url, (1280, 860), image)
     _click_and_wait(driver, stage, 0.25, 0.25)
     shown = driver.execute_script(MARKER_FRACTION)
     # The server forgets the features and refuses new work: the next click fails.
