@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
+from service_helpers import encode
 
 from service.batcher import BatchTimeoutError, MicroBatcher, QueueFullError
 from service.cache import FeatureCache, FeatureEntry
@@ -75,12 +75,6 @@ def test_keep_aspect_pads_bottom_right_and_excludes_padding_cells():
 
 
 # -- codec ------------------------------------------------------------------------------------------
-def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1"])
 def test_decode_any_mode_to_rgb(mode):
     gradient = np.tile(np.linspace(0, 1, 32), (24, 1))
@@ -94,7 +88,7 @@ def test_decode_any_mode_to_rgb(mode):
     else:
         image = Image.fromarray((gradient * 255).astype(np.uint8)).convert(mode)
     fmt = "TIFF" if mode in ("F", "I", "CMYK") else "PNG"
-    rgb = decode_image(_encode(image, fmt), max_pixels=10_000)
+    rgb = decode_image(encode(image, fmt), max_pixels=10_000)
     assert rgb.mode == "RGB" and rgb.size == (32, 24)
     values = np.asarray(rgb)
     if mode not in ("1", "P"):  # a gradient stays a gradient from dark to light
@@ -103,7 +97,7 @@ def test_decode_any_mode_to_rgb(mode):
 
 def test_alpha_is_composited_over_white():
     image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    assert (np.asarray(decode_image(_encode(image), 1000)) == 255).all()
+    assert (np.asarray(decode_image(encode(image), 1000)) == 255).all()
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
@@ -113,7 +107,7 @@ def test_exif_orientation_is_applied_before_sizes(fmt):
     pixels[:10, :10] = 255  # a bright top-left corner, stored
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
-    data = _encode(Image.fromarray(pixels), fmt, exif=exif)
+    data = encode(Image.fromarray(pixels), fmt, exif=exif)
     header = read_header(data, 10_000)
     assert (header.width, header.height) == (20, 40)
     decoded = np.asarray(decode_image(data, 10_000))
@@ -123,16 +117,16 @@ def test_exif_orientation_is_applied_before_sizes(fmt):
 
 def _textured_jpeg() -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    return _encode(Image.fromarray(pixels), "JPEG", quality=95)
+    return encode(Image.fromarray(pixels), "JPEG", quality=95)
 
 
 def test_decode_errors_have_statuses():
     cases = {
         b"": (400, "empty_image"),
         b"certainly not an image": (415, "not_an_image"),
-        _encode(Image.new("RGB", (64, 64)), "JPEG")[:200]: (400, "corrupt_image"),  # header cut
+        encode(Image.new("RGB", (64, 64)), "JPEG")[:200]: (400, "corrupt_image"),  # header cut
         _textured_jpeg()[:-600]: (400, "corrupt_image"),  # pixel data cut
-        _encode(Image.new("RGB", (200, 100))): (413, "image_too_large"),
+        encode(Image.new("RGB", (200, 100))): (413, "image_too_large"),
     }
     for data, (status, code) in cases.items():
         with pytest.raises(ServiceError) as info:
