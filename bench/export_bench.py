@@ -148,10 +148,8 @@ def run(args: argparse.Namespace) -> int:
     import onnxruntime
     import torch
 
-    from model.backbone import BackboneSpec, ViTBackbone
-    from model.export import DEMO_ITERATIONS, DEMO_LIFT_SEED, DEMO_SPEC, BundleGraph, export_demo_bundle
+    from model.export import DEMO_ITERATIONS, BundleGraph, demo_modules, export_demo_bundle
     from model.extractor import DenseExtractor
-    from model.lift import LiFT
     from service.runtime import BundleRuntime
 
     sizes = _int_list(args.sizes, "--sizes")
@@ -172,10 +170,7 @@ def run(args: argparse.Namespace) -> int:
         from model.options import OptionError
 
         raise OptionError(f"--sizes {unsupported} not in the bundle's sizes {runtime.sizes}")
-    backbone = ViTBackbone.from_spec(BackboneSpec.from_dict(dict(DEMO_SPEC)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(DEMO_LIFT_SEED)
-        lift = LiFT(backbone.embed_dim, backbone.patch_size).eval()
+    backbone, lift = demo_modules()
     graphs = {k: BundleGraph(DenseExtractor(backbone, lift if k else None, k).eval()).eval() for k in DEMO_ITERATIONS}
     print(f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads or 'all cores'}; "
           f"repeats {args.repeats} ({args.stat} of {args.clock} time), graph optimisation {args.graph_optimization}, "

@@ -399,6 +399,15 @@ def _is_current_demo(out_dir: Path) -> bool:
     )
 
 
+def demo_modules() -> tuple[ViTBackbone, LiFT]:
+    """The demo bundle's (backbone, LiFT): DEMO_SPEC and a LiFT initialised under DEMO_LIFT_SEED."""
+    backbone = ViTBackbone.from_spec(BackboneSpec.from_dict(copy.deepcopy(DEMO_SPEC)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_LIFT_SEED)
+        lift = LiFT(backbone.embed_dim, backbone.patch_size).eval()
+    return backbone, lift
+
+
 def export_demo_bundle(out_dir: str | Path) -> Path:
     """A demo bundle for trying the service without trained weights (``lift serve --demo``).
 
@@ -414,11 +423,7 @@ def export_demo_bundle(out_dir: str | Path) -> Path:
     if _is_current_demo(out_dir):
         logger.info("reusing demo bundle at %s", out_dir)
         return out_dir
-    spec = BackboneSpec.from_dict(copy.deepcopy(DEMO_SPEC))
-    backbone = ViTBackbone.from_spec(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(DEMO_LIFT_SEED)
-        lift = LiFT(backbone.embed_dim, backbone.patch_size).eval()
+    backbone, lift = demo_modules()
     logger.info("exporting demo bundle to %s (about a minute on 2 CPU cores)", out_dir)
     return export_modules(out_dir, backbone, lift, DEMO_ITERATIONS, DEMO_SIZES, demo=True)
 
