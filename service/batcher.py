@@ -288,4 +288,6 @@ class MicroBatcher:
             self.hooks.on_batch(len(live), seconds)
             for item, result in zip(live, features, strict=True):
                 if not item.future.done():
-                    item.future.set_result(result)
+                    # A row of a batch is a view that keeps the whole batch alive; the feature cache
+                    # holds results for long and budgets them by their own size, so each gets its own copy.
+                    item.future.set_result(result.copy() if len(live) > 1 else result)

@@ -65,7 +65,7 @@ class FeatureService:
         if cache_bytes <= 0:
             return
         largest = max(
-            runtime.channels * h * w * 4
+            (runtime.channels + 1) * h * w * 4  # features and their per-cell norms, float32
             for height, width in runtime.sizes
             for k in runtime.iterations
             for h, w in [runtime.feature_size(height, width, k)]

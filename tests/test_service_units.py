@@ -179,6 +179,8 @@ def test_batcher_groups_by_size_and_iterations_and_returns_each_result():
 
     results = asyncio.run(main())
     assert [float(r.ravel()[0]) for r in results] == [0, 1, 2, 3, 4, 5, 9, 0]
+    # each result owns its memory: a cached row must not pin the rest of its batch
+    assert not np.shares_memory(results[0], results[1])
     assert sorted(calls) == sorted([((4, 8, 8, 3), 1), ((2, 8, 8, 3), 1), ((1, 8, 16, 3), 1), ((1, 8, 8, 3), 0)])
 
 
