@@ -9,7 +9,7 @@ import argparse
 import logging
 import re
 
-from model.options import OptionError, add_backbone_arguments, add_checkpoint_argument, backbone_spec_dict
+from model.options import OptionError, add_backbone_arguments, add_checkpoint_argument, backbone_spec_unless_sidecar
 
 HELP = "export backbone + LiFT to an ONNX bundle (graphs + manifest) with parity measured against PyTorch"
 DEFAULT_OUT = "bundles/model"
@@ -79,16 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "448, iterations 0,1); other model options are ignored")
 
 
-def _spec(args: argparse.Namespace):
-    from model.backbone import DEFAULT_BACKBONE, BackboneSpec
-
-    if args.backbone is None:
-        if args.checkpoint is not None and args.checkpoint.endswith(".safetensors"):
-            return None  # the checkpoint's sidecar names the backbone
-        args.backbone = DEFAULT_BACKBONE
-    return BackboneSpec.from_dict(backbone_spec_dict(args))
-
-
 def _print_summary(out, manifest: dict) -> None:
     print(f"bundle written to {out}")
     print(f"  backbone {manifest['backbone']['timm_name']} ({manifest['backbone']['weights']}), "
@@ -113,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         out = export_demo_bundle(args.out)
     else:
         out = export_bundle(
-            args.out, _spec(args), args.checkpoint, lift_iterations=parse_iterations(args.lift_iterations),
+            args.out, backbone_spec_unless_sidecar(args), args.checkpoint,
+            lift_iterations=parse_iterations(args.lift_iterations),
             sizes=parse_sizes(args.sizes), precision=args.precision, opset=args.opset,
             default_iterations=args.default_iterations,
         )

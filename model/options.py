@@ -46,5 +46,18 @@ def backbone_spec_dict(args: argparse.Namespace) -> dict:
             "layer": args.layer, "facet": args.facet, "model_kwargs": kwargs}
 
 
+def backbone_spec_unless_sidecar(args: argparse.Namespace):
+    """For commands whose ``--backbone`` defaults to None: None when it is left out and ``--checkpoint``
+    is our ``.safetensors`` (its sidecar names the backbone); otherwise the BackboneSpec of the
+    backbone options, ``--backbone`` defaulting to DEFAULT_BACKBONE. Imports torch (via model.backbone)."""
+    from pathlib import Path
+
+    from model.backbone import BackboneSpec
+
+    if args.backbone is None and args.checkpoint is not None and Path(args.checkpoint).suffix == ".safetensors":
+        return None
+    return BackboneSpec.from_dict(backbone_spec_dict(args) | {"name": args.backbone or DEFAULT_BACKBONE})
+
+
 class OptionError(ValueError):
     user_facing = True

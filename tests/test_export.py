@@ -216,7 +216,8 @@ def test_sizes_are_deduplicated_and_must_fit_patch():
 def test_cli_takes_backbone_from_sidecar_unless_named():
     import argparse
 
-    from model.export_cli import _spec, add_arguments
+    from model.export_cli import add_arguments
+    from model.options import backbone_spec_unless_sidecar as _spec
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

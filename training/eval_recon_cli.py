@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.options import add_backbone_arguments, backbone_spec_dict
+from model.options import add_backbone_arguments, backbone_spec_unless_sidecar
 
 HELP = "reconstruction cosine distance (paper Eq. 1) of LiFT vs bilinear/nearest upsampling on held-out images"
 
@@ -37,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from model.backbone import DEFAULT_BACKBONE, BackboneSpec
     from model.extractor import Preprocessing
     from model.factory import load_backbone_and_lift
     from training.data import ImageFolderDataset, collate_images, scan_image_folder
@@ -45,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from training.trainer import TrainError, check_imsize_for_patch
 
     scan = scan_image_folder(args.data)  # fail on a bad folder before loading any model
-    spec = None
-    if args.backbone is not None or Path(args.checkpoint).suffix != ".safetensors":
-        spec = BackboneSpec.from_dict(backbone_spec_dict(args) | {"name": args.backbone or DEFAULT_BACKBONE})
-    backbone, lift, meta = load_backbone_and_lift(spec, args.checkpoint)
+    backbone, lift, meta = load_backbone_and_lift(backbone_spec_unless_sidecar(args), args.checkpoint)
     imsize = args.imsize or (meta.image_size if meta and meta.image_size else 448)
     check_imsize_for_patch(imsize, backbone.patch_size)
     downsample = args.downsample or ((meta.extra or {}).get("downsample") if meta else None) or "stride"
