@@ -64,23 +64,33 @@ def mutual_nearest_neighbors(
     """
     if features_a.shape[0] != features_b.shape[0]:
         raise ValueError(f"channel mismatch: {features_a.shape[0]} vs {features_b.shape[0]}")
-    wa = features_a.shape[2]
-    wb = features_b.shape[2]
-    a = flatten_descriptors(features_a)
-    b = flatten_descriptors(features_b)
-    sim = a @ b.T  # [Na, Nb] cosine similarities
-    best_b = sim.argmax(axis=1)
-    best_a = sim.argmax(axis=0)
-    idx_a = np.nonzero(best_a[best_b] == np.arange(len(a)))[0]
+    similarity = flatten_descriptors(features_a) @ flatten_descriptors(features_b).T
+    return mutual_matches(similarity, features_a.shape[2], features_b.shape[2], max_matches, min_score)
+
+
+def mutual_matches(
+    similarity: np.ndarray, width_a: int, width_b: int, max_matches: int | None = None, min_score: float = -1.0
+) -> list[CellMatch]:
+    """Mutual nearest neighbours from a precomputed cosine-similarity matrix.
+
+    Args:
+        similarity: [Ha*Wa, Hb*Wb] cosine similarities, cells in row-major order.
+        width_a, width_b: Wa and Wb, to turn flat cell indices back into (row, col).
+        max_matches, min_score: as :func:`mutual_nearest_neighbors`.
+    """
+    best_b = similarity.argmax(axis=1)
+    best_a = similarity.argmax(axis=0)
+    idx_a = np.nonzero(best_a[best_b] == np.arange(len(best_b)))[0]
     idx_b = best_b[idx_a]
-    scores = sim[idx_a, idx_b]
+    scores = similarity[idx_a, idx_b]
     keep = scores >= min_score
     idx_a, idx_b, scores = idx_a[keep], idx_b[keep], scores[keep]
     order = np.argsort(-scores, kind="stable")
     if max_matches is not None:
         order = order[:max_matches]
     return [
-        CellMatch(int(idx_a[i] // wa), int(idx_a[i] % wa), int(idx_b[i] // wb), int(idx_b[i] % wb), float(scores[i]))
+        CellMatch(int(idx_a[i] // width_a), int(idx_a[i] % width_a), int(idx_b[i] // width_b),
+                  int(idx_b[i] % width_b), float(scores[i]))
         for i in order
     ]
 
@@ -107,19 +117,3 @@ def similarity_map(query: np.ndarray, features: np.ndarray, feature_norms: np.nd
 def cell_norms(features: np.ndarray) -> np.ndarray:
     """[C, H, W] -> [H, W] float32 L2 norms over channels (for :func:`similarity_map`)."""
     return np.linalg.norm(np.asarray(features, dtype=np.float32), axis=0)
-
-
-def bilinear_descriptor(features: np.ndarray, row: float, col: float) -> np.ndarray:
-    """Descriptor at a fractional cell position (cell centres at integer coordinates), [C].
-
-    Used when a clicked point falls between cell centres; coordinates are clamped to the grid.
-    """
-    _, h, w = features.shape
-    row = float(np.clip(row, 0, h - 1))
-    col = float(np.clip(col, 0, w - 1))
-    r0, c0 = int(np.floor(row)), int(np.floor(col))
-    r1, c1 = min(r0 + 1, h - 1), min(c0 + 1, w - 1)
-    fr, fc = row - r0, col - c0
-    top = features[:, r0, c0] * (1 - fc) + features[:, r0, c1] * fc
-    bottom = features[:, r1, c0] * (1 - fc) + features[:, r1, c1] * fc
-    return (top * (1 - fr) + bottom * fr).astype(np.float32)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from service.matching import bilinear_descriptor, mutual_nearest_neighbors, similarity_map
+from service.matching import mutual_nearest_neighbors, similarity_map
 
 
 def _random_map(seed, c=16, h=5, w=7):
@@ -34,9 +34,3 @@ def test_similarity_of_a_cell_with_itself_is_one():
     sim = similarity_map(f[:, 2, 3], f)
     assert sim.shape == (5, 7)
     assert abs(sim[2, 3] - 1) < 1e-6 and sim.max() <= 1 + 1e-6
-
-
-def test_bilinear_descriptor_at_cell_centre_is_the_cell():
-    f = _random_map(5)
-    assert np.allclose(bilinear_descriptor(f, 2.0, 3.0), f[:, 2, 3])
-    assert np.allclose(bilinear_descriptor(f, 2.5, 3.0), (f[:, 2, 3] + f[:, 3, 3]) / 2)
