@@ -158,7 +158,7 @@ def match_errors(features_a: np.ndarray, features_b: np.ndarray, homography: np.
         ``{"dense_nn": [Na'], "mutual_nn": [M']}`` errors in target pixels of the matches whose true
         target position is inside the target image.
     """
-    from service.matching import flatten_descriptors, mutual_nearest_neighbors
+    from service.matching import flatten_descriptors, mutual_matches
 
     _, ha, wa = features_a.shape
     _, hb, wb = features_b.shape
@@ -171,7 +171,7 @@ def match_errors(features_a: np.ndarray, features_b: np.ndarray, homography: np.
     predicted = centres_b[similarity.argmax(axis=1)]
     dense = np.linalg.norm(predicted - truth, axis=1)[inside]
 
-    matches = mutual_nearest_neighbors(features_a, features_b)
+    matches = mutual_matches(similarity, wa, wb)  # the same matrix: mutual_nearest_neighbors would rebuild it
     idx_a = np.array([m.row_a * wa + m.col_a for m in matches], dtype=np.int64)
     idx_b = np.array([m.row_b * wb + m.col_b for m in matches], dtype=np.int64)
     keep = inside[idx_a] if len(idx_a) else np.zeros(0, bool)
