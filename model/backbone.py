@@ -1,9 +1,27 @@
 """A frozen timm VisionTransformer that returns dense features of one block and facet.
 
 Facets follow the usage of dense-ViT-feature work (and the LiFT authors, who use DINO's last-block
-``key``): ``query``/``key``/``value`` are the thirds of ``attn.qkv(norm1(x))`` of the chosen block,
-heads concatenated in timm's head-major channel order; ``token`` is that block's output.
-Prefix tokens (CLS, registers) are dropped and the patch tokens are laid out as a map.
+``key``): ``query``/``key``/``value`` are the thirds of ``attn.qkv(norm1(x))`` of the chosen block;
+``token`` is that block's output. Prefix tokens (CLS, registers) are dropped and the patch tokens
+are laid out as a map.
+
+Two choices decide whether a LiFT trained elsewhere sees the features it was trained on:
+
+* ``channel_layout`` of a query/key/value facet. ``interleaved`` (the default) is the LiFT
+  authors' order, inherited from dino-vit-features: the facet ``[B, heads, T, head_dim]`` is
+  flattened as ``.permute(0, 2, 3, 1).flatten(-2)``, so channel ``c = d * heads + h`` (head_dim
+  major, heads interleaved). ``concatenated`` is timm's own order, ``c = h * head_dim + d`` (heads
+  side by side), which this project used before the layout was recorded: checkpoints and bundles
+  that do not record a layout are read as ``concatenated`` (:meth:`BackboneSpec.from_stored`), so
+  they keep giving exactly the features they gave. ``token`` has no head structure; its layout is
+  recorded but means nothing.
+* ``pos_interpolation``: how the position embeddings reach a grid other than the native one.
+  ``dino`` is DINO's ``interpolate_pos_encoding`` (which the LiFT authors run): bicubic with
+  ``scale_factor = (grid + 0.1) / native``, no antialiasing, and the embeddings untouched at the
+  native square grid. ``timm`` is timm's ``resample_abs_pos_embed`` (bicubic to the exact size,
+  antialiased). ``auto`` (the default) picks ``dino`` for DINO v1 releases (a timm name tagged
+  ``.dino`` or a weights file named ``dino_*``) and ``timm`` otherwise; stored specs without the
+  field are read as ``timm``.
 
 Weights come from one of three sources, recorded in :class:`BackboneSpec` so that training, export
 and serving rebuild the identical network:
@@ -18,6 +36,7 @@ and serving rebuild the identical network:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +45,12 @@ import torch
 from torch import nn
 
 FACETS = ("key", "query", "value", "token")
+QKV_FACETS = ("query", "key", "value")
 DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
+CHANNEL_LAYOUTS = ("interleaved", "concatenated")
+POS_INTERPOLATIONS = ("dino", "timm")
+# What a spec stored before these fields existed meant: features must not change when it is re-read.
+LEGACY_FIELDS = {"channel_layout": "concatenated", "pos_interpolation": "timm"}
 
 
 class BackboneError(ValueError):
@@ -47,6 +71,10 @@ class BackboneSpec:
         facet: one of ``key``, ``query``, ``value``, ``token``.
         model_kwargs: extra ``timm.create_model`` keyword arguments (e.g. ``depth`` and
             ``embed_dim`` for the tiny test models).
+        channel_layout: ``interleaved`` (the LiFT authors' order) or ``concatenated`` (timm's) for
+            the query/key/value facets; see the module docstring. None: the LiFT checkpoint's
+            layout (decided in ``model.factory``), else ``interleaved``.
+        pos_interpolation: ``dino``, ``timm`` or ``auto`` (resolved when the backbone is built).
     """
 
     name: str = DEFAULT_BACKBONE
@@ -55,17 +83,60 @@ class BackboneSpec:
     layer: int = -1
     facet: str = "key"
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    channel_layout: str | None = "interleaved"
+    pos_interpolation: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        """A spec from its fields; absent fields take today's defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise BackboneError(f"unknown backbone fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        spec = cls(**data)
+        spec.check_choices()
+        return spec
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> BackboneSpec:
+        """A spec read back from a checkpoint sidecar or a bundle: fields it predates take the
+        meaning they had then (:data:`LEGACY_FIELDS`), so old files give the same features."""
+        return cls.from_dict({**LEGACY_FIELDS, **data})
+
+    def check_choices(self) -> None:
+        if self.facet not in FACETS:
+            raise BackboneError(f"facet must be one of {FACETS}, got {self.facet!r}")
+        if self.channel_layout not in (*CHANNEL_LAYOUTS, None):
+            raise BackboneError(f"channel_layout must be one of {CHANNEL_LAYOUTS}, got {self.channel_layout!r}")
+        if self.pos_interpolation not in (*POS_INTERPOLATIONS, "auto"):
+            raise BackboneError(
+                f"pos_interpolation must be one of {(*POS_INTERPOLATIONS, 'auto')}, got {self.pos_interpolation!r}"
+            )
+
+    def resolved(self) -> BackboneSpec:
+        """This spec with ``pos_interpolation='auto'`` replaced by the rule it stands for, and an
+        unset ``channel_layout`` (None: "the checkpoint's", decided by the factory) by the default."""
+        self.check_choices()
+        spec = self
+        if spec.channel_layout is None:
+            spec = dataclasses.replace(spec, channel_layout="interleaved")
+        if spec.pos_interpolation == "auto":
+            spec = dataclasses.replace(spec, pos_interpolation="dino" if is_dino_v1_release(spec) else "timm")
+        return spec
+
+
+def is_dino_v1_release(spec: BackboneSpec) -> bool:
+    """A DINO v1 release: timm's ``.dino`` pretrained tag, or an original DINO file (``dino_*.pth``
+    as published, e.g. ``dino_deitsmall16_pretrain.pth``)."""
+    tag = spec.name.partition(".")[2]
+    if tag == "dino":
+        return True
+    if spec.weights not in ("hub", "random"):
+        return Path(os.path.expanduser(spec.weights)).name.lower().startswith("dino_")
+    return False
 
 
 def _create_timm_model(spec: BackboneSpec, pretrained: bool) -> nn.Module:
@@ -182,8 +253,7 @@ class ViTBackbone(nn.Module):
 
     def __init__(self, vit: nn.Module, spec: BackboneSpec):
         super().__init__()
-        if spec.facet not in FACETS:
-            raise BackboneError(f"facet must be one of {FACETS}, got {spec.facet!r}")
+        spec = spec.resolved()
         depth = len(vit.blocks)
         if not -depth <= spec.layer < depth:
             raise BackboneError(f"layer {spec.layer} is out of range for a {depth}-block ViT")
@@ -199,6 +269,11 @@ class ViTBackbone(nn.Module):
         cfg = getattr(vit, "pretrained_cfg", None) or {}
         self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.num_heads = int(vit.blocks[self.layer_index].attn.num_heads)
+        self.channel_layout = spec.channel_layout
+        self.pos_interpolation = spec.pos_interpolation
+        if spec.pos_interpolation == "dino":
+            check_dino_position_embedding(vit)
 
     @classmethod
     def from_spec(cls, spec: BackboneSpec) -> ViTBackbone:
@@ -231,7 +306,7 @@ class ViTBackbone(nn.Module):
             self.check_image_size(h, w)
         vit = self.vit
         x = vit.patch_embed(image)
-        x = vit._pos_embed(x)
+        x = dino_pos_embed(vit, x) if self.pos_interpolation == "dino" else vit._pos_embed(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         for block in vit.blocks[: self.layer_index]:
@@ -241,7 +316,99 @@ class ViTBackbone(nn.Module):
             x = block(x)
         else:
             qkv = block.attn.qkv(block.norm1(x))  # [B, N, 3*C], channels ordered (q|k|v, head, dim)
-            third = ("query", "key", "value").index(self.facet)
+            third = QKV_FACETS.index(self.facet)
             x = qkv[..., third * self.embed_dim : (third + 1) * self.embed_dim]
+            if self.channel_layout == "interleaved":
+                n = x.shape[1]
+                heads = self.num_heads
+                x = x.reshape(b, n, heads, self.embed_dim // heads).transpose(2, 3).reshape(b, n, self.embed_dim)
         x = x[:, vit.num_prefix_tokens :]
         return x.transpose(1, 2).reshape(b, self.embed_dim, h // self.patch_size, w // self.patch_size)
+
+
+# -- DINO's position-embedding interpolation ----------------------------------------------------
+# DINO's rule is a call of F.interpolate with a scale factor computed from the grid size. Written
+# as two interpolation matrices instead, it is the same arithmetic (PyTorch's bicubic kernel:
+# A = -0.75, half-pixel centres, clamped borders, the given scale not recomputed) but stays one
+# graph for every input size when exported with dynamic height and width; the scale-factor call
+# would be specialised to the example size by the exporter.
+DINO_GRID_OFFSET = 0.1
+CUBIC_A = -0.75
+
+
+def check_dino_position_embedding(vit: nn.Module) -> None:
+    pos = getattr(vit, "pos_embed", None)
+    prefix = int(getattr(vit, "num_prefix_tokens", 1))
+    if pos is None or getattr(vit, "no_embed_class", False) or prefix != 1:
+        raise BackboneError(
+            "pos_interpolation 'dino' needs a DINO v1-style ViT (one class token with its own position "
+            "embedding, no registers); choose --pos-interpolation timm for this backbone"
+        )
+    grid = pos.shape[1] - 1
+    side = math.isqrt(grid)
+    if side * side != grid:
+        raise BackboneError(f"pos_interpolation 'dino' needs a square position grid, found {grid} positions")
+
+
+def _cubic_weights(t: torch.Tensor) -> list[torch.Tensor]:
+    """PyTorch's bicubic coefficients for the taps at offsets -1, 0, 1, 2 from floor(source)."""
+    a = CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _length_tensor(size, device: torch.device) -> torch.Tensor:
+    """``size`` (an int, or a symbolic size under torch.export) as a float64 scalar tensor: arithmetic
+    and comparisons on it stay in the graph instead of specialising the export to one size."""
+    return torch.ones(size, device=device, dtype=torch.float64).sum()
+
+
+def dino_resample_matrix(out_size, in_size: int, device: torch.device) -> torch.Tensor:
+    """``[out_size, in_size]`` float32 matrix: DINO's bicubic resampling of one axis of the grid.
+
+    Output position ``o`` samples source ``s = (o + 0.5) / scale - 0.5`` with
+    ``scale = (out_size + 0.1) / in_size``; at ``out_size == in_size`` the caller decides whether
+    DINO leaves the grid as it is (only when both axes are native).
+    """
+    dst = torch.arange(out_size, device=device, dtype=torch.float32)
+    count = _length_tensor(out_size, device)
+    step = (in_size / (count + DINO_GRID_OFFSET)).to(torch.float32)
+    src = (dst + 0.5) * step - 0.5
+    base = torch.floor(src)
+    weights = _cubic_weights(src - base)
+    columns = torch.arange(in_size, device=device)
+    matrix = torch.zeros(dst.shape[0], in_size, device=device, dtype=torch.float32)
+    for offset, weight in zip((-1, 0, 1, 2), weights, strict=True):
+        tap = (base.long() + offset).clamp(0, in_size - 1)
+        matrix = matrix + weight[:, None] * (tap[:, None] == columns[None, :]).to(torch.float32)
+    return matrix
+
+
+def dino_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``_pos_embed`` for ``[B, H, W, C]`` patch embeddings, with DINO's interpolation rule.
+
+    Returns ``[B, 1 + H*W, C]``: the class token, then the patch tokens, position embeddings added.
+    """
+    b, h, w, c = x.shape
+    pos = vit.pos_embed
+    native = math.isqrt(pos.shape[1] - 1)
+    grid = pos[0, 1:].reshape(native, native, c).permute(2, 0, 1).float()  # [C, n, n]
+    rows = dino_resample_matrix(h, native, x.device)
+    cols = dino_resample_matrix(w, native, x.device)
+    # DINO returns its embeddings untouched when the grid is the native square; expressed as a
+    # select on tensors so that an exported graph keeps both cases.
+    eye_rows = (torch.arange(h, device=x.device)[:, None] == torch.arange(native, device=x.device)[None]).float()
+    eye_cols = (torch.arange(w, device=x.device)[:, None] == torch.arange(native, device=x.device)[None]).float()
+    is_native = (_length_tensor(h, x.device) == native) & (_length_tensor(w, x.device) == native)
+    rows = torch.where(is_native, eye_rows, rows)
+    cols = torch.where(is_native, eye_cols, cols)
+    patch_pos = torch.einsum("hi,cij,wj->hwc", rows, grid, cols).reshape(1, h * w, c).to(pos.dtype)
+    tokens = torch.cat([vit.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+    pos_full = torch.cat([pos[:, :1], patch_pos], dim=1)
+    return vit.pos_drop(tokens + pos_full)

@@ -11,7 +11,13 @@ weights source, seed if random, block, facet), so export never re-guesses it.
 
 The authors' checkpoints are plain state dicts of their ``LiFT`` module, sometimes saved from
 ``DataParallel`` with a ``module.`` prefix; they say nothing about the backbone, which the user
-therefore names.
+therefore names. They were trained on the ``interleaved`` facet channel layout
+(``model.backbone``), which is what a spec without an explicit layout gets for them.
+
+Sidecars record the backbone spec, including its ``channel_layout`` and ``pos_interpolation``;
+a sidecar written before those fields existed is read with their old meanings
+(``BackboneSpec.from_stored``), so its weights give exactly the features they gave. No weights are
+converted: a layout is a property of what the LiFT was trained on, recorded beside it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from torch import nn
 
 from model.lift import LiFT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the backbone spec records channel_layout and pos_interpolation
+AUTHORS_CHANNEL_LAYOUT = "interleaved"
 
 
 class CheckpointError(ValueError):

@@ -58,7 +58,7 @@ OUTPUT_NAME = "features"
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
 PARITY_BATCH = 2
 DEMO_SPEC = {"name": "vit_small_patch16_224", "weights": "random", "seed": 0, "layer": -1, "facet": "key",
-             "model_kwargs": {}}
+             "model_kwargs": {}, "channel_layout": "interleaved", "pos_interpolation": "timm"}
 DEMO_ITERATIONS = (0, 1)
 DEMO_SIZES = ((224, 224), (448, 448))
 DEMO_LIFT_SEED = 0
@@ -314,7 +314,8 @@ def _manifest(backbone, iterations, default_k, sizes, precision, demo, graphs, c
         "demo": bool(demo),
         "backbone": {"timm_name": spec.name, "weights": spec.weights, "seed": spec.seed,
                      "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim, "layer": spec.layer,
-                     "facet": spec.facet, "model_kwargs": dict(spec.model_kwargs)},
+                     "facet": spec.facet, "model_kwargs": dict(spec.model_kwargs),
+                     "channel_layout": spec.channel_layout, "pos_interpolation": spec.pos_interpolation},
         "lift": {"iterations": iterations, "default_iterations": default_k,
                  "checkpoint_sha256": checkpoint_sha256, "checkpoint_format": checkpoint_format},
         "input": {"name": INPUT_NAME, "sizes": [list(s) for s in sizes], "dtype": "uint8", "layout": "NHWC",
@@ -391,6 +392,7 @@ def _is_current_demo(out_dir: Path) -> bool:
     same = (manifest["demo"] and backbone["timm_name"] == DEMO_SPEC["name"]
             and backbone["weights"] == "random" and backbone["seed"] == DEMO_SPEC["seed"]
             and backbone["model_kwargs"] == DEMO_SPEC["model_kwargs"]
+            and backbone.get("channel_layout") == DEMO_SPEC["channel_layout"]
             and manifest["lift"]["iterations"] == list(DEMO_ITERATIONS)
             and manifest["input"]["sizes"] == [list(s) for s in DEMO_SIZES])
     return same and all(

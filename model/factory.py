@@ -3,10 +3,17 @@ that training, export and evaluation share, so all three rebuild the same networ
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from model.backbone import BackboneSpec, ViTBackbone
-from model.checkpoint import CheckpointError, CheckpointMeta, load_lift_checkpoint
+from model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone
+from model.checkpoint import (
+    AUTHORS_CHANNEL_LAYOUT,
+    CheckpointError,
+    CheckpointMeta,
+    load_lift_checkpoint,
+    read_checkpoint_meta,
+)
 from model.extractor import DenseExtractor
 from model.lift import LiFT
 
@@ -18,6 +25,10 @@ def load_backbone_and_lift(
 
     With our checkpoint and ``spec=None`` the backbone comes from the checkpoint's sidecar. With an
     authors' ``.pth`` the spec is required (the state dict does not record it).
+
+    A spec whose ``channel_layout`` is None takes the checkpoint's (the authors' ``.pth``:
+    ``interleaved``; ours: its sidecar's); with no checkpoint, ``interleaved``. A LiFT trained on
+    one layout of a query/key/value facet is never run on the other: that is a CheckpointError.
     """
     meta = None
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -27,14 +38,24 @@ def load_backbone_and_lift(
             f"LiFT checkpoint {checkpoint} does not exist; train one with `lift train`, or download the "
             "authors' .pth for your backbone, and pass its path"
         )
+    lift_layout = None
     if checkpoint is not None and Path(checkpoint).suffix == ".safetensors":
-        from model.checkpoint import read_checkpoint_meta
-
         meta = read_checkpoint_meta(checkpoint)
+        lift_layout = BackboneSpec.from_stored(meta.backbone).channel_layout
         if spec is None:
-            spec = BackboneSpec.from_dict(meta.backbone)
+            spec = BackboneSpec.from_stored(meta.backbone)
+    elif checkpoint is not None:
+        lift_layout = AUTHORS_CHANNEL_LAYOUT
     if spec is None:
         spec = BackboneSpec()
+    if spec.channel_layout is None:
+        spec = dataclasses.replace(spec, channel_layout=lift_layout or BackboneSpec.channel_layout)
+    if lift_layout is not None and spec.facet in QKV_FACETS and spec.channel_layout != lift_layout:
+        raise CheckpointError(
+            f"LiFT checkpoint {checkpoint} was trained on {spec.facet} features in the "
+            f"'{lift_layout}' channel layout, but the backbone is set to '{spec.channel_layout}'; its "
+            f"input channels would be scrambled. Pass --channel-layout {lift_layout} (or leave it out)."
+        )
     backbone = ViTBackbone.from_spec(spec)
     lift = None
     if checkpoint is not None:

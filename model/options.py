@@ -26,6 +26,14 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                        help="which features of that block (default: %(default)s, as the LiFT authors)")
     group.add_argument("--backbone-kwargs", default="{}", metavar="JSON",
                        help="extra timm.create_model arguments as JSON, e.g. '{\"depth\": 2}'")
+    group.add_argument("--channel-layout", default=None, choices=("interleaved", "concatenated"),
+                       help="channel order of a key/query/value facet: 'interleaved' = the LiFT authors' "
+                            "(c = d*heads + h), 'concatenated' = timm's (c = h*head_dim + d). Default: the "
+                            "checkpoint's layout, else interleaved")
+    group.add_argument("--pos-interpolation", default="auto", choices=("auto", "dino", "timm"),
+                       help="position-embedding resampling for other input sizes: 'dino' = DINO's own "
+                            "rule, 'timm' = timm's; auto = dino for DINO v1 releases (.dino names, dino_*.pth "
+                            "files), else timm (default: %(default)s)")
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -43,7 +51,9 @@ def backbone_spec_dict(args: argparse.Namespace) -> dict:
     if not isinstance(kwargs, dict):
         raise OptionError("--backbone-kwargs must be a JSON object")
     return {"name": args.backbone, "weights": args.backbone_weights, "seed": args.seed,
-            "layer": args.layer, "facet": args.facet, "model_kwargs": kwargs}
+            "layer": args.layer, "facet": args.facet, "model_kwargs": kwargs,
+            "channel_layout": getattr(args, "channel_layout", None),
+            "pos_interpolation": getattr(args, "pos_interpolation", "auto")}
 
 
 def backbone_spec_unless_sidecar(args: argparse.Namespace):

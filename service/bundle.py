@@ -93,6 +93,12 @@ _SCHEMA: dict[str, tuple] = {
     "onnx.torch_version": (str,),
     "parity": (dict,),
 }
+# Fields added after format 1 was first written: absent in older bundles, which are read with the
+# meaning those had (facet channels in timm's head-concatenated order, timm's position resampling).
+_OPTIONAL_CHOICES: dict[str, tuple[str, ...]] = {
+    "backbone.channel_layout": ("interleaved", "concatenated"),
+    "backbone.pos_interpolation": ("dino", "timm"),
+}
 _GRAPH_SCHEMA: dict[str, tuple] = {"iterations": (int,), "file": (str,), "stride": _NUMBER, "sha256": (str,)}
 
 
@@ -163,6 +169,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
             f"{where} has format_version {version!r}; this runtime reads version {FORMAT_VERSION}; {_REEXPORT}"
         )
     _check_types(manifest, where)
+    for dotted, choices in _OPTIONAL_CHOICES.items():
+        present, value = _lookup(manifest, dotted)
+        if present and value not in choices:
+            raise BundleError(f"{where}: field '{dotted}' must be one of {list(choices)}, found {value!r:.60}; "
+                              f"{_REEXPORT}")
     inp, out, lift, onnx_info = manifest["input"], manifest["output"], manifest["lift"], manifest["onnx"]
     fixed = {"input.dtype": (inp["dtype"], "uint8"), "input.layout": (inp["layout"], "NHWC"),
              "input.color": (inp["color"], "RGB"), "output.layout": (out["layout"], "NCHW")}

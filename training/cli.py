@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--downsample", default="stride", choices=("stride", "antialias"),
                         help="how x/2 and x/4 are made: every second pixel (the authors) or an antialiased "
                              "resize (default: %(default)s)")
+    parser.add_argument("--resize", default="squash", choices=("squash", "crop"),
+                        help="how images become imsize x imsize squares: 'squash' = resize the whole image, "
+                             "aspect ratio ignored (the authors' Resize((S, S))), 'crop' = shorter side to "
+                             "imsize, centre crop (default: %(default)s)")
     parser.add_argument("--augment", action="store_true",
                         help="colour jitter 0.2 (brightness, contrast, saturation, hue), as the paper")
     parser.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (default: %(default)s)")
@@ -58,7 +62,7 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, out=args.out, backbone=backbone_spec_dict(args), imsize=args.imsize,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
         seed=args.seed, precision=args.precision, loss=args.loss, downsample=args.downsample,
-        augment=args.augment, workers=args.workers, save_every=args.save_every,
+        resize=args.resize, augment=args.augment, workers=args.workers, save_every=args.save_every,
         save_every_steps=args.save_every_steps, resume=args.resume, device=args.device,
         progress=args.progress)
 

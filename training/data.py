@@ -1,5 +1,5 @@
-"""Training images: a folder searched recursively, resized and centre-cropped to a square, optional
-colour jitter.
+"""Training images: a folder searched recursively, made square (squashed, as the LiFT authors, or
+centre-cropped), optional colour jitter.
 
 Choices a user may want to know:
 
@@ -10,8 +10,10 @@ Choices a user may want to know:
   sample is replaced by the next readable file so every batch keeps its size (a rank with a short
   or empty batch would stall DistributedDataParallel), and the file's path is reported so the
   trainer can count it. A full decode of every file up front would take hours on ImageNet.
-* Images are resized so the shorter side is ``imsize`` and centre-cropped to ``imsize x imsize``
-  (aspect ratio kept; the authors train on squares too).
+* ``resize="squash"`` (the default) resizes the whole image to ``imsize x imsize`` with bilinear
+  filtering, ignoring its aspect ratio: what the authors' ``transforms.Resize((S, S))`` does to a
+  PIL image. ``resize="crop"`` keeps the aspect ratio: the shorter side goes to ``imsize``
+  (bicubic), then the centre square is cut out.
 * Colour jitter (brightness, contrast, saturation, hue = 0.2) is drawn from a generator seeded by
   ``(seed, epoch, index)``, so augmentation is identical whatever the worker count, and a resumed
   run sees the same augmented images as an uninterrupted one.
@@ -95,10 +97,17 @@ def _header_ok(path: Path) -> bool:
         return False
 
 
-def load_square_image(path: Path, imsize: int) -> Image.Image:
-    """Decode ``path`` as RGB, resize the shorter side to ``imsize`` and centre-crop a square."""
+RESIZE_MODES = ("squash", "crop")
+
+
+def load_square_image(path: Path, imsize: int, resize: str = "squash") -> Image.Image:
+    """Decode ``path`` as RGB and make it ``imsize x imsize`` (see the module docstring for ``resize``)."""
+    if resize not in RESIZE_MODES:
+        raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     with Image.open(path) as image:
         image = image.convert("RGB")  # forces a full decode, so truncated files fail here
+    if resize == "squash":
+        return image.resize((imsize, imsize), Image.Resampling.BILINEAR)
     width, height = image.size
     scale = imsize / min(width, height)
     new_w, new_h = max(imsize, round(width * scale)), max(imsize, round(height * scale))
@@ -116,11 +125,15 @@ class ImageFolderDataset(Dataset):
     ``skipped`` is a list of path strings that failed to decode and were replaced.
     """
 
-    def __init__(self, paths: list[Path], imsize: int, augment: bool = False, seed: int = 0):
+    def __init__(self, paths: list[Path], imsize: int, augment: bool = False, seed: int = 0,
+                 resize: str = "squash"):
         if not paths:
             raise DataError("the dataset has no images")
+        if resize not in RESIZE_MODES:
+            raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.paths = list(paths)
         self.imsize = imsize
+        self.resize = resize
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -139,7 +152,7 @@ class ImageFolderDataset(Dataset):
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                image = load_square_image(path, self.imsize)
+                image = load_square_image(path, self.imsize, self.resize)
                 break
             except DECODE_ERRORS:
                 skipped.append(str(path))

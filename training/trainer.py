@@ -48,7 +48,7 @@ from model.backbone import BackboneSpec, ViTBackbone
 from model.checkpoint import CheckpointMeta, save_lift_checkpoint
 from model.extractor import Preprocessing
 from model.lift import LiFT
-from training.data import ImageFolderDataset, ShardSampler, collate_images, scan_image_folder
+from training.data import RESIZE_MODES, ImageFolderDataset, ShardSampler, collate_images, scan_image_folder
 from training.objective import DOWNSAMPLES, LOSSES, TwoOctaveLiFT, reconstruction_loss
 
 CHECKPOINT_NAME = "lift.safetensors"
@@ -58,7 +58,8 @@ CURVE_NAME = "loss.png"
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_FORMAT = 1
 # Settings that define the training trajectory: a resumed run must use the same ones.
-TRAJECTORY_KEYS = ("backbone", "imsize", "loss", "downsample", "batch_size", "world_size", "seed", "augment")
+TRAJECTORY_KEYS = ("backbone", "imsize", "resize", "loss", "downsample", "batch_size", "world_size", "seed",
+                   "augment")
 
 
 class TrainError(ValueError):
@@ -83,6 +84,7 @@ class TrainConfig:
     precision: str = "fp32"
     loss: str = "cosine"
     downsample: str = "stride"
+    resize: str = "squash"
     augment: bool = False
     workers: int = 4
     save_every: int = 1
@@ -123,6 +125,8 @@ def check_config(config: TrainConfig) -> None:
         raise TrainError(f"--loss must be one of {LOSSES}, got {config.loss!r}")
     if config.downsample not in DOWNSAMPLES:
         raise TrainError(f"--downsample must be one of {DOWNSAMPLES}, got {config.downsample!r}")
+    if config.resize not in RESIZE_MODES:
+        raise TrainError(f"--resize must be one of {RESIZE_MODES}, got {config.resize!r}")
 
 
 def check_imsize_for_patch(imsize: int, patch_size: int) -> None:
@@ -368,7 +372,7 @@ def _train(config: TrainConfig, out: Path, scan, dist: _Dist) -> TrainResult:
     step_fn = TrainStep(backbone, lift_pair, preprocessing, config.lr, config.precision, config.loss,
                         config.downsample, dist.device)
 
-    dataset = ImageFolderDataset(scan.paths, config.imsize, config.augment, config.seed)
+    dataset = ImageFolderDataset(scan.paths, config.imsize, config.augment, config.seed, config.resize)
     per_rank = math.ceil(len(dataset) / dist.world_size)
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -481,7 +485,8 @@ def _save(config, out, lift, step_fn, dist, trajectory, step, epoch, batch_in_ep
         backbone=backbone.spec.to_dict(), channels=lift.in_channels, patch_size=lift.patch_size,
         mean=list(backbone.mean), std=list(backbone.std), image_size=config.imsize,
         epochs=completed_epochs, steps=step, loss=config.loss,
-        extra={"downsample": config.downsample, "lr": config.lr, "batch_size": config.batch_size,
+        extra={"downsample": config.downsample, "resize": config.resize, "lr": config.lr,
+               "batch_size": config.batch_size,
                "world_size": dist.world_size, "seed": config.seed, "augment": config.augment,
                "precision": config.precision, "last_loss": last_loss, "dataset_size": dataset_size,
                "skipped_files": len(skipped)})
