@@ -1,4 +1,4 @@
-"""SPair-71k keypoint-correspondence PCK, following the LiFT authors' evaluation protocol.
+"""SPair-71k keypoint-correspondence PCK: the LiFT authors' evaluation protocol, and a cosine variant.
 
 On-disk layout read here (the dataset as distributed)::
 
@@ -12,20 +12,35 @@ Each pair file holds ``src_imname``, ``trg_imname``, ``category``, ``src_imsize`
 aligned by ``kps_ids``). Entries that are ``null`` or have a negative coordinate are treated as
 invisible and dropped from both lists, so files from other SPair-style tools are read too.
 
-Protocol (per pair):
+Two protocols (``protocol=``), which share the geometry:
 
 1. both images: long side resized to ``size`` with Lanczos, short side to ``round(size*short/long)``,
    zero-padded to a ``size`` x ``size`` square with the image centred (offset ``(size-new)//2``);
-   keypoints move the same way: ``x' = x * scale + offset_x`` (the authors' convention);
-2. features: bilinearly upsampled to ``size`` x ``size``;
-3. each source keypoint takes the descriptor of pixel ``(floor(y'), floor(x'))`` and is matched to
-   the target pixel whose upsampled descriptor has the highest cosine similarity with it;
-4. it is correct at ``alpha`` when its distance to the true target keypoint is ``< alpha * T``,
-   ``T = max(x2-x1, y2-y1)`` of the target box times the target's resize scale.
+   keypoints move the same way: ``x' = x * scale + offset_x``;
+2. it is correct at ``alpha`` when its distance to the true target keypoint is ``< alpha * T``,
+   ``T = max(x2-x1, y2-y1)`` of the target box times the target's resize scale; PCK per category is
+   over all its keypoints.
 
-PCK per category is over all its keypoints; ``overall`` averages the categories (as the paper's
-tables), ``all_keypoints`` pools every keypoint. ``--max-pairs N`` takes a seeded random sample of N
-pairs per category (without replacement; the authors sampled 100 with replacement).
+``authors`` (the default) is the LiFT authors' ``eval_spair.py``, step for step, which the paper's
+SPair numbers come from:
+
+* features are L2-normalised per cell, *then* bilinearly upsampled to the square, and not
+  normalised again; a source keypoint takes the row ``size * floor(y') + int(x')`` of the flattened
+  map, and its match is the target pixel of the largest plain dot product (first one on ties). The
+  interpolated unit vectors are shorter between cells, so predictions land on the pixels next to
+  cell centres (or in the border band outside the outermost centres, where upsampling repeats the
+  outer cells);
+* pairs: per category, the pair files sorted by name, then ``N`` draws *with replacement*
+  (``numpy.random.RandomState(seed).choice(len, N)``, default N = 100, the authors'
+  ``--pairs_per_category``), one random stream over the categories in sorted order (the authors
+  walk them in ``os.listdir`` order, which differs between file systems; sorted is the reproducible
+  reading). ``N = 0`` takes every pair once.
+
+``cosine`` is the variant this project used first: features bilinearly upsampled, then normalised
+per pixel (true cosine similarity of the upsampled features; predictions can land anywhere), and
+``--max-pairs N`` a seeded sample without replacement (all pairs by default).
+
+``overall`` averages the categories (as the paper's tables), ``all_keypoints`` pools every keypoint.
 """
 
 from __future__ import annotations
@@ -42,6 +57,8 @@ import numpy as np
 from bench.eval_common import EvalError, FeatureFn, load_rgb
 
 ALPHAS = (0.1, 0.05, 0.01)
+PROTOCOLS = ("authors", "cosine")
+AUTHORS_PAIRS_PER_CATEGORY = 100
 SPLIT_DIRS = {"train": "trn", "trn": "trn", "val": "val", "test": "test"}
 
 
@@ -149,9 +166,16 @@ def read_spair_pairs(
     categories: Sequence[str] | None = None,
     max_pairs: int | None = None,
     seed: int = 0,
+    protocol: str = "authors",
 ) -> list[SPairPair]:
-    """Pairs of one split, grouped by category (sorted), optionally N sampled per category."""
+    """Pairs of one split, grouped by category (sorted), sampled as ``protocol`` does.
+
+    ``authors``: ``max_pairs`` (None = 100) draws with replacement per category from one seeded
+    NumPy stream, 0 = every pair once. ``cosine``: ``max_pairs`` (None = all) without replacement.
+    """
     root = Path(root)
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if split not in SPLIT_DIRS:
         raise EvalError(f"unknown split {split!r}; choose one of {sorted(SPLIT_DIRS)}")
     folder = root / "PairAnnotation" / SPLIT_DIRS[split]
@@ -171,6 +195,8 @@ def read_spair_pairs(
         if unknown:
             raise EvalError(f"categories {unknown} have no pairs in {folder}; available: {sorted(by_category)}")
         by_category = {c: by_category[c] for c in categories}
+    if protocol == "authors":
+        return _authors_sample(by_category, AUTHORS_PAIRS_PER_CATEGORY if max_pairs is None else max_pairs, seed)
     if max_pairs is not None and max_pairs < 1:
         raise EvalError("--max-pairs must be >= 1")
     pairs = []
@@ -179,6 +205,21 @@ def read_spair_pairs(
         if max_pairs is not None and len(chosen) > max_pairs:
             rng = random.Random(f"{seed}:{category}")
             chosen = [chosen[i] for i in sorted(rng.sample(range(len(chosen)), max_pairs))]
+        pairs.extend(chosen)
+    return pairs
+
+
+def _authors_sample(by_category: dict[str, list[SPairPair]], draws: int, seed: int) -> list[SPairPair]:
+    """eval_spair.py's sampling: ``np.random.seed(seed)`` once, then for each category
+    ``np.random.choice(len(pairs), draws)`` (with replacement, even with fewer pairs than draws)."""
+    if draws < 0:
+        raise EvalError("--max-pairs must be >= 0 (0 = every pair once) under --protocol authors")
+    rng = np.random.RandomState(seed)  # the legacy global stream that np.random.seed/choice use
+    pairs = []
+    for category in sorted(by_category):
+        chosen = by_category[category]
+        if draws:
+            chosen = [chosen[i] for i in rng.choice(len(chosen), draws)]
         pairs.extend(chosen)
     return pairs
 
@@ -199,18 +240,42 @@ def dense_unit_features(features: np.ndarray, size: int):
     return tensor[0].reshape(tensor.shape[1], size * size)
 
 
+def upsampled_unit_cells(features: np.ndarray, size: int):
+    """[C, h, w] -> torch [C, size*size], the authors' order: each cell scaled to unit length, then
+    bilinearly upsampled to the square (``align_corners=False``), not normalised again."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None]
+    tensor = F.interpolate(F.normalize(tensor, dim=1), size=(size, size), mode="bilinear", align_corners=False)
+    return tensor[0].reshape(tensor.shape[1], size * size)
+
+
 def transfer_keypoints(src_features: np.ndarray, trg_features: np.ndarray, src_points: np.ndarray,
-                       size: int) -> np.ndarray:
+                       size: int, protocol: str = "authors") -> np.ndarray:
     """Match source keypoints to the most similar target pixel.
 
     Args:
         src_features, trg_features: [C, h, w] features of the two square inputs.
         src_points: [K, 2] (x, y) in the square frame of the source.
         size: side of the square frame.
+        protocol: ``authors`` (normalise cells, upsample, dot product; query row
+            ``size*floor(y) + int(x)``) or ``cosine`` (upsample, normalise; query pixel clipped).
 
     Returns:
         [K, 2] integer (x, y) target pixels in the square frame.
     """
+    if protocol == "authors":
+        src = upsampled_unit_cells(src_features, size)
+        trg = upsampled_unit_cells(trg_features, size)
+        rows = np.floor(src_points[:, 1]).astype(np.int64) * size + src_points[:, 0].astype(np.int64)
+        # The authors index without a check; keypoints of a real image always fall inside, and a
+        # clip keeps a malformed annotation from crashing the run.
+        queries = src[:, np.clip(rows, 0, size * size - 1)].T
+        best = (queries @ trg).argmax(dim=1).numpy()
+        return np.stack([best % size, best // size], axis=1).astype(np.float64)
+    if protocol != "cosine":
+        raise EvalError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     src = dense_unit_features(src_features, size)
     trg = dense_unit_features(trg_features, size)
     cols = np.clip(np.floor(src_points[:, 0]).astype(np.int64), 0, size - 1)
@@ -230,8 +295,10 @@ def evaluate_spair(
     size: int = 224,
     alphas: Sequence[float] = ALPHAS,
     progress: bool = True,
+    protocol: str = "authors",
 ) -> dict[str, Any]:
-    """PCK of ``feature_fn`` on ``pairs``.
+    """PCK of ``feature_fn`` on ``pairs`` under ``protocol`` (see the module docstring). A pair drawn
+    more than once (the authors' sampling is with replacement) counts each time, computed once.
 
     Returns:
         ``{"per_category": {cat: {"pairs", "keypoints", "pck@0.1", ...}}, "overall": {...mean over
@@ -239,26 +306,37 @@ def evaluate_spair(
     """
     from tqdm import tqdm
 
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     pairs = list(pairs)
     counts: dict[str, dict[str, Any]] = {}
+    scored: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
     for pair in tqdm(pairs, desc="SPair pairs", unit="pair", disable=not progress):
         entry = counts.setdefault(pair.category, _empty_counts(alphas))
         entry["pairs"] += 1
         if not len(pair.src_kps):
             continue
-        src_image, trg_image = load_rgb(pair.src_image), load_rgb(pair.trg_image)
-        src_geo = PaddedSquare.for_image(*src_image.size, size)
-        trg_geo = PaddedSquare.for_image(*trg_image.size, size)
-        src_features = feature_fn(src_geo.apply_image(src_image))
-        trg_features = feature_fn(trg_geo.apply_image(trg_image))
-        predicted = transfer_keypoints(src_features, trg_features, src_geo.apply_coords(pair.src_kps), size)
-        errors = np.linalg.norm(predicted - trg_geo.apply_coords(pair.trg_kps), axis=1)
-        x1, y1, x2, y2 = pair.trg_bbox
-        threshold = trg_geo.apply_length(max(x2 - x1, y2 - y1))
+        key = (pair.category, pair.name)
+        if key not in scored:
+            scored[key] = _pair_errors(pair, feature_fn, size, protocol)
+        errors, threshold = scored[key]
         entry["keypoints"] += len(errors)
         for alpha in alphas:
             entry["correct"][alpha] += int((errors < alpha * threshold).sum())
     return summarize(counts, alphas)
+
+
+def _pair_errors(pair: SPairPair, feature_fn: FeatureFn, size: int, protocol: str) -> tuple[np.ndarray, float]:
+    """Per-keypoint transfer errors (square-frame pixels) of one pair, and its PCK length T."""
+    src_image, trg_image = load_rgb(pair.src_image), load_rgb(pair.trg_image)
+    src_geo = PaddedSquare.for_image(*src_image.size, size)
+    trg_geo = PaddedSquare.for_image(*trg_image.size, size)
+    src_features = feature_fn(src_geo.apply_image(src_image))
+    trg_features = feature_fn(trg_geo.apply_image(trg_image))
+    predicted = transfer_keypoints(src_features, trg_features, src_geo.apply_coords(pair.src_kps), size, protocol)
+    errors = np.linalg.norm(predicted - trg_geo.apply_coords(pair.trg_kps), axis=1)
+    x1, y1, x2, y2 = pair.trg_bbox
+    return errors, trg_geo.apply_length(max(x2 - x1, y2 - y1))
 
 
 def summarize(counts: dict[str, dict[str, Any]], alphas: Sequence[float]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.eval_common import EvalError
+from bench.eval_common import EvalError, load_rgb
 from bench.spair import PALETTE, PaddedSquare, evaluate_spair, make_synthetic_spair, read_spair_pairs
 from tests.conftest import tiny_spec_dict
 
@@ -56,9 +56,9 @@ def test_fixture_has_the_real_layout(spair_root):
 
 
 def test_perfect_matcher_scores_100_and_wrong_one_0(spair_root):
-    pairs = read_spair_pairs(spair_root, "test")
+    pairs = read_spair_pairs(spair_root, "test", protocol="cosine")
     assert [len(p.src_kps) for p in pairs] == [5, 5, 5, 5]
-    perfect = evaluate_spair(pairs, palette_features, 224, progress=False)
+    perfect = evaluate_spair(pairs, palette_features, 224, progress=False, protocol="cosine")
     for row in [*perfect["per_category"].values(), perfect["overall"], perfect["all_keypoints"]]:
         assert (row["pck@0.1"], row["pck@0.05"], row["pck@0.01"]) == (100.0, 100.0, 100.0)
     assert perfect["all_keypoints"]["keypoints"] == 20
@@ -66,7 +66,7 @@ def test_perfect_matcher_scores_100_and_wrong_one_0(spair_root):
     def constant(image):  # every target pixel equally similar -> argmax is pixel (0, 0), far from all keypoints
         return np.ones((8, 7, 7), np.float32)
 
-    wrong = evaluate_spair(pairs, constant, 224, progress=False)
+    wrong = evaluate_spair(pairs, constant, 224, progress=False, protocol="cosine")
     assert (wrong["overall"]["pck@0.1"], wrong["overall"]["pck@0.05"], wrong["overall"]["pck@0.01"]) == (0, 0, 0)
 
 
@@ -78,7 +78,8 @@ def test_known_offset_gives_known_pck(tmp_path):
         data = json.loads(path.read_text())
         data["trg_kps"] = [[x + 8, y] for x, y in data["trg_kps"]]
         path.write_text(json.dumps(data))
-    result = evaluate_spair(read_spair_pairs(root, "test"), palette_features, 224, progress=False)
+    result = evaluate_spair(read_spair_pairs(root, "test", protocol="cosine"), palette_features, 224, progress=False,
+                            protocol="cosine")
     dog, cat = result["per_category"]["dog"], result["per_category"]["cat"]
     assert (dog["pck@0.1"], dog["pck@0.05"], dog["pck@0.01"]) == (100.0, 0.0, 0.0)
     assert cat["pck@0.01"] == 100.0
@@ -91,10 +92,11 @@ def test_null_keypoints_are_dropped_and_selection_is_seeded(tmp_path):
     data = json.loads(path.read_text())
     data["src_kps"][0] = None
     path.write_text(json.dumps(data))
-    pairs = read_spair_pairs(root, "test", categories=["bus"])
+    pairs = read_spair_pairs(root, "test", categories=["bus"], protocol="cosine")
     assert sorted(len(p.src_kps) for p in pairs) == [4, 5, 5]
-    first = read_spair_pairs(root, "test", max_pairs=2, seed=1)
-    assert [p.name for p in first] == [p.name for p in read_spair_pairs(root, "test", max_pairs=2, seed=1)]
+    first = read_spair_pairs(root, "test", max_pairs=2, seed=1, protocol="cosine")
+    assert [p.name for p in first] == [p.name for p in read_spair_pairs(root, "test", max_pairs=2, seed=1,
+                                                                        protocol="cosine")]
     assert len(first) == 6
     with pytest.raises(EvalError, match="no pairs"):
         read_spair_pairs(root, "test", categories=["horse"])
@@ -121,7 +123,8 @@ def test_cli_writes_json_and_plot(spair_root, tmp_path, tiny_lift):
                                                mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
     out = tmp_path / "spair.json"
     code = main(["eval", "spair", "--root", str(spair_root), "--size", "64", "--mode", "lift",
-                 "--checkpoint", str(ckpt), "--categories", "cat", "--out", str(out), "--no-progress"])
+                 "--checkpoint", str(ckpt), "--categories", "cat", "--max-pairs", "0", "--out", str(out),
+                 "--no-progress"])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["config"]["method"] == "lift:1"
@@ -157,7 +160,7 @@ def test_bundle_and_pytorch_sources_agree(spair_root, tiny_bundle, tmp_path):
 
 
 def test_match_is_the_argmax_of_cosine_over_upsampled_features():
-    # The protocol: upsample the raw features to the square, then take the target pixel of highest
+    # The cosine protocol: upsample the raw features to the square, then take the target pixel of highest
     # cosine similarity. Normalising per cell before upsampling gives a different argmax when cell
     # norms differ (interpolated unit vectors shrink between cells).
     import torch
@@ -171,7 +174,7 @@ def test_match_is_the_argmax_of_cosine_over_upsampled_features():
     src = (rng.normal(size=(8, grid, grid)) * norms).astype(np.float32)
     trg = (rng.normal(size=(8, grid, grid)) * norms[:, ::-1]).astype(np.float32)
     points = rng.uniform(0, size, (40, 2))
-    predicted = transfer_keypoints(src, trg, points, size)
+    predicted = transfer_keypoints(src, trg, points, size, protocol="cosine")
 
     def up(f):
         return F.interpolate(torch.from_numpy(f)[None], size=(size, size), mode="bilinear", align_corners=False)[0]
@@ -182,3 +185,101 @@ def test_match_is_the_argmax_of_cosine_over_upsampled_features():
         cosine = F.cosine_similarity(query, up_trg, dim=0)
         # Pixels beyond the outer cell centres repeat the border values: equal-cosine ties are fine.
         assert cosine[int(py), int(px)] >= cosine.max() - 1e-5
+
+
+def _backbone_features(backbone):
+    import torch
+
+    from model.extractor import Preprocessing
+
+    prep = Preprocessing(backbone.mean, backbone.std, backbone.patch_size)
+
+    def features(image: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = prep.normalize(torch.from_numpy(image).permute(2, 0, 1)[None])
+            return backbone(x)[0].numpy()
+
+    return features
+
+
+def _on_cell_centre_or_border(coords: np.ndarray, stride: int, size: int) -> np.ndarray:
+    """Cell c's centre is pixel coordinate stride*(c + 0.5) - 0.5; the two pixels beside it are within 0.5.
+    Border pixels lie outside the outermost centres, where bilinear upsampling repeats the outer cell
+    (equal scores up to rounding, so any pixel of that band can win)."""
+    centres = stride * (np.arange(size // stride) + 0.5) - 0.5
+    near_centre = np.abs(coords[..., None] - centres).min(axis=-1) <= 0.5
+    return near_centre | (coords < centres[0]) | (coords > centres[-1])
+
+
+def _authors_scores(src_f, trg_f, point, size):
+    """eval_spair.py's similarity row, by hand: cells normalised, upsampled, dot products."""
+    import torch
+    import torch.nn.functional as F
+
+    def up(f):
+        return F.interpolate(F.normalize(torch.from_numpy(f)[None], dim=1), size=size, mode="bilinear")[0]
+
+    query = up(src_f)[:, int(np.floor(point[1])), int(point[0])]
+    return torch.einsum("c,chw->hw", query, up(trg_f)).numpy()
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_authors_protocol_predicts_cell_centres_or_border_pixels(tmp_path, tiny_backbone, size):
+    """eval_spair.py normalises cells before upsampling and takes raw dot products: along each axis
+    the score is linear between neighbouring cell centres, so its maximum sits beside a centre (or in
+    the clamped border band). The cosine variant lands anywhere."""
+    from bench.spair import transfer_keypoints
+
+    root = make_synthetic_spair(tmp_path, categories=("cat", "dog"), pairs_per_category=3, seed=2)
+    features = _backbone_features(tiny_backbone)
+    stride = size // (size // 16)
+    off_grid = 0
+    predictions = 0
+    for pair in read_spair_pairs(root, "test", max_pairs=0, protocol="authors"):
+        src_geo = PaddedSquare.for_image(*load_rgb(pair.src_image).size, size)
+        trg_geo = PaddedSquare.for_image(*load_rgb(pair.trg_image).size, size)
+        src_f = features(src_geo.apply_image(load_rgb(pair.src_image)))
+        trg_f = features(trg_geo.apply_image(load_rgb(pair.trg_image)))
+        # every source pixel as a query, not only the few annotated keypoints
+        ys, xs = np.mgrid[0:size:3, 0:size:3]
+        points = np.stack([xs.ravel() + 0.3, ys.ravel() + 0.6], axis=1)
+        authors = transfer_keypoints(src_f, trg_f, points, size, protocol="authors")
+        on_grid = _on_cell_centre_or_border(authors, stride, size).all(axis=1)
+        # A winner elsewhere can only be a rounding tie (two cells scoring alike make the score flat
+        # between them): the best centre/border pixel then scores the same.
+        for index in np.nonzero(~on_grid)[0]:
+            scores = _authors_scores(src_f, trg_f, points[index], size)
+            allowed = np.outer(*[_on_cell_centre_or_border(np.arange(size), stride, size)] * 2)
+            x, y = authors[index].astype(int)
+            assert scores[allowed].max() >= scores[y, x] - 1e-5 * abs(scores[y, x])
+        cosine = transfer_keypoints(src_f, trg_f, points, size, protocol="cosine")
+        off_grid += int((~_on_cell_centre_or_border(cosine, stride, size)).sum())
+        predictions += cosine.size
+    assert off_grid > 0.05 * predictions  # the check above can fail: the other protocol breaks it
+
+
+def test_authors_sampling_is_eval_spairs(tmp_path):
+    """np.random.seed(seed) once, then per category (sorted) np.random.choice(len(pairs), N): with
+    replacement, N draws even from fewer pairs."""
+    root = make_synthetic_spair(tmp_path, categories=("cat", "dog", "bus"), pairs_per_category=3)
+    drawn = read_spair_pairs(root, "test", max_pairs=5, seed=4, protocol="authors")
+    names = {c: sorted(p.stem for p in (root / "PairAnnotation" / "test").glob(f"*:{c}.json"))
+             for c in ("bus", "cat", "dog")}
+    np.random.seed(4)
+    expected = [names[c][i] for c in ("bus", "cat", "dog") for i in np.random.choice(len(names[c]), 5)]
+    assert [p.name for p in drawn] == expected
+    assert len(read_spair_pairs(root, "test", protocol="authors")) == 3 * 100
+    assert len(read_spair_pairs(root, "test", max_pairs=0, protocol="authors")) == 9
+
+
+def test_cli_records_the_protocol(spair_root, tmp_path, tiny_bundle):
+    from lift_cli import main
+
+    for protocol, pairs in (("authors", 200), ("cosine", 4)):
+        out = tmp_path / f"{protocol}.json"
+        args = ["eval", "spair", "--root", str(spair_root), "--size", "64", "--bundle", str(tiny_bundle),
+                "--out", str(out), "--no-plot", "--no-progress"]
+        assert main(args + (["--protocol", protocol] if protocol == "cosine" else [])) == 0
+        report = json.loads(out.read_text())
+        assert report["protocol"] == report["config"]["protocol"] == protocol
+        assert report["results"]["overall"]["pairs"] == pairs

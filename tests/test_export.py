@@ -166,7 +166,8 @@ def test_demo_bundle_is_reused_when_current(tmp_path, tiny_bundle, monkeypatch):
     manifest["demo"] = True
     (cached / "manifest.json").write_text(json.dumps(manifest))
     demo_spec = {"name": manifest["backbone"]["timm_name"], "weights": "random", "seed": manifest["backbone"]["seed"],
-                 "layer": -1, "facet": "key", "model_kwargs": manifest["backbone"]["model_kwargs"]}
+                 "layer": -1, "facet": "key", "model_kwargs": manifest["backbone"]["model_kwargs"],
+                 "channel_layout": manifest["backbone"]["channel_layout"]}
     monkeypatch.setattr(model.export, "DEMO_SPEC", demo_spec)
     monkeypatch.setattr(model.export, "DEMO_SIZES", ((64, 64), (64, 96)))
 

@@ -92,7 +92,9 @@ def test_training_lowers_the_loss_and_writes_its_files(trained):
     assert record["lr"] == 6e-3 and record["images_per_s"] > 0
     assert math.isclose(record["loss"], record["loss_x2"] + record["loss_x4"], rel_tol=1e-5)
     meta = json.loads((out / "lift.json").read_text())
-    assert meta["backbone"] == tiny_spec_dict()  # export rebuilds the same random backbone from this
+    # export rebuilds the same random backbone from this: the spec as resolved when the backbone was
+    # built, channel layout and position rule included
+    assert meta["backbone"] == tiny_spec_dict() | {"channel_layout": "interleaved", "pos_interpolation": "timm"}
     assert (meta["image_size"], meta["steps"], meta["loss"], meta["channels"]) == (128, 50, "cosine", 32)
 
 

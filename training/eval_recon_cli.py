@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training size, else 448)")
     parser.add_argument("--downsample", default=None, choices=("stride", "antialias"),
                         help="how x/2 and x/4 are made (default: as in training, else stride)")
+    parser.add_argument("--resize", default=None, choices=("squash", "crop"),
+                        help="how images become squares (default: as the checkpoint was trained, else squash)")
     parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many images")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     imsize = args.imsize or (meta.image_size if meta and meta.image_size else 448)
     check_imsize_for_patch(imsize, backbone.patch_size)
     downsample = args.downsample or ((meta.extra or {}).get("downsample") if meta else None) or "stride"
+    # Checkpoints from before --resize existed were trained on centre crops.
+    resize = args.resize or (((meta.extra or {}).get("resize", "crop")) if meta else None) or "squash"
     if args.batch_size < 1:
         raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     lift.to(device).eval()
     preprocessing = Preprocessing(backbone.mean, backbone.std, backbone.patch_size)
     paths = scan.paths[: args.max_images] if args.max_images else scan.paths
-    loader = torch.utils.data.DataLoader(ImageFolderDataset(paths, imsize), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(ImageFolderDataset(paths, imsize, resize=resize),
+                                         batch_size=args.batch_size,
                                          collate_fn=collate_images)
     meter, skipped = ReconstructionMeter(), set(map(str, scan.unreadable))
     for images, bad in loader:
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     result = meter.result() | {
         "metric": "cosine distance 1-cos per feature cell, mean; top-level = Eq. 1 = sum of the two octaves",
         "checkpoint": str(args.checkpoint), "data": str(args.data), "imsize": imsize,
-        "downsample": downsample, "backbone_spec": backbone.spec.to_dict(), "skipped_files": len(skipped),
+        "downsample": downsample, "resize": resize, "backbone_spec": backbone.spec.to_dict(),
+        "skipped_files": len(skipped),
     }
     print(f"{result['images']} images at {imsize}px, downsample {downsample}"
           + (f", {len(skipped)} unreadable files skipped" if skipped else ""))
