@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from bench.eval_common import FeatureFn, Method
+from lift_serve.bench.eval_common import FeatureFn, Method
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:

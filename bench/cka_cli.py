@@ -10,7 +10,7 @@ DEFAULT_METHODS = "backbone,bilinear:1,lift:1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.eval_common import add_output_arguments, add_source_arguments
+    from lift_serve.bench.eval_common import add_output_arguments, add_source_arguments
 
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of photos (searched recursively)")
     parser.add_argument("--size", type=int, default=224, help="full-scale square side (default: %(default)s)")
@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.cka import evaluate_cka
-    from bench.eval_common import (
+    from lift_serve.bench.cka import evaluate_cka
+    from lift_serve.bench.eval_common import (
         EvalError,
         Method,
         check_size,
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         parse_methods,
         square_crop,
     )
-    from bench.plots import plot_cka
+    from lift_serve.bench.plots import plot_cka
 
     scales = parse_float_list(args.scales, "--scales")
     if args.max_images < 1:

@@ -166,7 +166,7 @@ class TorchFeatureSource:
     """
 
     def __init__(self, spec, checkpoint: str | Path | None):
-        from model.factory import load_backbone_and_lift
+        from lift_serve.model.factory import load_backbone_and_lift
 
         self.backbone, self.lift, self.meta = load_backbone_and_lift(spec, checkpoint)
         self.checkpoint = str(checkpoint) if checkpoint is not None else None
@@ -174,8 +174,7 @@ class TorchFeatureSource:
 
     def feature_fn(self, method: Method) -> FeatureFn:
         import torch
-
-        from model.extractor import DenseExtractor
+        from lift_serve.model.extractor import DenseExtractor
 
         if method.kind == "lift" and self.lift is None:
             raise EvalError(f"method {method.name} needs LiFT weights: pass --checkpoint (or --bundle)")
@@ -204,7 +203,7 @@ class BundleFeatureSource:
     """
 
     def __init__(self, bundle_dir: str | Path):
-        from service.runtime import BundleRuntime
+        from lift_serve.service.runtime import BundleRuntime
 
         self.bundle_dir = str(bundle_dir)
         self.runtime = BundleRuntime(bundle_dir, providers=("cuda", "cpu"))
@@ -241,7 +240,7 @@ class BundleFeatureSource:
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint / --bundle plus the backbone options (torch-free)."""
-    from model.options import add_backbone_arguments, add_checkpoint_argument
+    from lift_serve.model.options import add_backbone_arguments, add_checkpoint_argument
 
     add_checkpoint_argument(parser)
     parser.add_argument("--bundle", default=None, metavar="DIR",
@@ -261,8 +260,8 @@ def open_feature_source(args: argparse.Namespace):
     With our ``.safetensors`` checkpoint the backbone comes from its sidecar (the backbone options
     are ignored); otherwise (no checkpoint, or an authors' ``.pth``) from the backbone options.
     """
-    from model.backbone import BackboneSpec
-    from model.options import backbone_spec_dict
+    from lift_serve.model.backbone import BackboneSpec
+    from lift_serve.model.options import backbone_spec_dict
 
     if args.bundle and args.checkpoint:
         raise EvalError("pass either --checkpoint or --bundle, not both")

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from model.options import OptionError
+    from lift_serve.model.options import OptionError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -82,8 +82,7 @@ def _row(engine, k, size, batch, samples: list[tuple[float, float]], clock: str,
 def _measure(graphs, runtime, sizes, batches, repeats, clock, stat) -> list[dict]:
     import numpy as np
     import torch
-
-    from model.export import natural_image
+    from lift_serve.model.export import natural_image
 
     rows = []
     for size in sizes:
@@ -147,15 +146,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import onnxruntime
     import torch
-
-    from model.export import DEMO_ITERATIONS, BundleGraph, demo_modules, export_demo_bundle
-    from model.extractor import DenseExtractor
-    from service.runtime import BundleRuntime
+    from lift_serve.model.export import DEMO_ITERATIONS, BundleGraph, demo_modules, export_demo_bundle
+    from lift_serve.model.extractor import DenseExtractor
+    from lift_serve.service.runtime import BundleRuntime
 
     sizes = _int_list(args.sizes, "--sizes")
     batches = _int_list(args.batches, "--batches")
     if args.repeats < 1 or args.threads < 0:
-        from model.options import OptionError
+        from lift_serve.model.options import OptionError
 
         raise OptionError(f"--repeats must be >= 1 and --threads >= 0 (0 = all cores), got {args.repeats} "
                           f"and {args.threads}")
@@ -167,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                             graph_optimization=args.graph_optimization, warmup=False)
     unsupported = [s for s in sizes if (s, s) not in runtime.sizes]
     if unsupported:
-        from model.options import OptionError
+        from lift_serve.model.options import OptionError
 
         raise OptionError(f"--sizes {unsupported} not in the bundle's sizes {runtime.sizes}")
     backbone, lift = demo_modules()

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bench.eval_common import Method
+from lift_serve.bench.eval_common import Method
 
 FLOPS_SPEC = {"name": "vit_small_patch16_224", "weights": "random", "seed": 0, "layer": -1, "facet": "key",
               "model_kwargs": {}}
@@ -32,9 +32,8 @@ FLOPS_SPEC = {"name": "vit_small_patch16_224", "weights": "random", "seed": 0, "
 def build_meta_modules(spec_dict: dict[str, Any]):
     """(backbone, lift) with parameters on the meta device; weights forced to 'random'."""
     import torch
-
-    from model.backbone import BackboneSpec, ViTBackbone
-    from model.lift import LiFT
+    from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+    from lift_serve.model.lift import LiFT
 
     spec = BackboneSpec.from_dict({**spec_dict, "weights": "random"})
     with torch.device("meta"):
@@ -51,9 +50,8 @@ def count_flops(backbone, lift, method: Method, size: int) -> dict[str, Any]:
         "params_backbone", "params_lift"}`` (params in units, ``params`` = what the method uses).
     """
     import torch
+    from lift_serve.model.extractor import DenseExtractor
     from torch.utils.flop_counter import FlopCounterMode
-
-    from model.extractor import DenseExtractor
 
     backbone.check_image_size(size, size)
     use_lift = method.kind == "lift"

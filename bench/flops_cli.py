@@ -8,7 +8,7 @@ HELP = "FLOPs (multiply-adds) and parameters of backbone / +LiFT / 2xLiFT at 224
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.eval_common import add_output_arguments
+    from lift_serve.bench.eval_common import add_output_arguments
 
     parser.add_argument("--backbone", default="vit_small_patch16_224",
                         help="timm architecture; weights never load (meta tensors) (default: %(default)s)")
@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from bench.eval_common import EvalError, finish_report, parse_methods
-    from bench.flops import FLOPS_SPEC, flops_table, pck_points
-    from bench.plots import plot_flops
+    from lift_serve.bench.eval_common import EvalError, finish_report, parse_methods
+    from lift_serve.bench.flops import FLOPS_SPEC, flops_table, pck_points
+    from lift_serve.bench.plots import plot_flops
 
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]

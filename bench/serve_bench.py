@@ -97,7 +97,7 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- raw model -----------------------------------------------------------------------------------------
 def open_runtime(bundle: Path, size: int, providers: str):
-    from service.runtime import BundleRuntime
+    from lift_serve.service.runtime import BundleRuntime
 
     runtime = BundleRuntime(bundle, providers=providers)
     if (size, size) not in runtime.sizes:
@@ -315,8 +315,8 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError("--concurrency must list positive integers and --requests must be >= 1")
     bundle = Path(args.bundle) if args.bundle else None
     if bundle is None:
-        from model.export import export_demo_bundle
-        from service.settings import Settings
+        from lift_serve.model.export import export_demo_bundle
+        from lift_serve.service.settings import Settings
 
         # the same directory `lift serve --demo` uses (LIFT_DEMO_DIR), so the export is shared
         bundle = export_demo_bundle(Path(args.demo_dir) if args.demo_dir else Settings().demo_dir)

@@ -53,8 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bench.eval_common import EvalError, FeatureFn, load_rgb
+from lift_serve.bench.eval_common import EvalError, FeatureFn, load_rgb
 
 ALPHAS = (0.1, 0.05, 0.01)
 PROTOCOLS = ("authors", "cosine")

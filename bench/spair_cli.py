@@ -22,7 +22,7 @@ MODES = ("backbone", "bilinear", "lift")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.eval_common import add_output_arguments, add_source_arguments
+    from lift_serve.bench.eval_common import add_output_arguments, add_source_arguments
 
     parser.add_argument("--root", required=True, metavar="SPAIR_DIR",
                         help="the SPair-71k folder holding PairAnnotation/ and JPEGImages/")
@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.eval_common import EvalError, Method, check_size, finish_report, open_feature_source
-    from bench.plots import plot_spair
-    from bench.spair import ALPHAS, evaluate_spair, read_spair_pairs
+    from lift_serve.bench.eval_common import EvalError, Method, check_size, finish_report, open_feature_source
+    from lift_serve.bench.plots import plot_spair
+    from lift_serve.bench.spair import ALPHAS, evaluate_spair, read_spair_pairs
 
     if args.lift_iterations < 1 and args.mode != "backbone":
         raise EvalError("--lift-iterations must be >= 1 for --mode bilinear or lift")

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bench.eval_common import FeatureFn, Method, load_rgb, percent, square_crop
+from lift_serve.bench.eval_common import FeatureFn, Method, load_rgb, percent, square_crop
 
 THRESHOLDS = (2.0, 4.0, 8.0, 16.0)
 MATCHERS = ("dense_nn", "mutual_nn")
@@ -158,7 +157,7 @@ def match_errors(features_a: np.ndarray, features_b: np.ndarray, homography: np.
         ``{"dense_nn": [Na'], "mutual_nn": [M']}`` errors in target pixels of the matches whose true
         target position is inside the target image.
     """
-    from service.matching import flatten_descriptors, mutual_matches
+    from lift_serve.service.matching import flatten_descriptors, mutual_matches
 
     _, ha, wa = features_a.shape
     _, hb, wb = features_b.shape

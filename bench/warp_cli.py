@@ -10,7 +10,7 @@ DEFAULT_METHODS = "backbone,bilinear:1,lift:1,bilinear:2,lift:2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.eval_common import add_output_arguments, add_source_arguments
+    from lift_serve.bench.eval_common import add_output_arguments, add_source_arguments
 
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of photos (searched recursively)")
     parser.add_argument("--pairs", type=int, default=50, metavar="N", help="number of warped pairs (default: 50)")
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from bench.eval_common import (
+    from lift_serve.bench.eval_common import (
         EvalError,
         check_size,
         finish_report,
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         parse_float_list,
         parse_methods,
     )
-    from bench.plots import plot_warp
-    from bench.warp import WarpConfig, evaluate_warp, make_pairs
+    from lift_serve.bench.plots import plot_warp
+    from lift_serve.bench.warp import WarpConfig, evaluate_warp, make_pairs
 
     if args.pairs < 1:
         raise EvalError("--pairs must be >= 1")

@@ -145,12 +145,12 @@ def versions() -> dict[str, str | None]:
 
 
 def exporter_code_sha256() -> str | None:
-    """sha256 over the installed exporter's sources (the ``model`` package and the manifest schema
-    in ``service/bundle.py``): a rebuilt image with a changed exporter re-exports even when the
+    """sha256 over the installed exporter's sources (``lift_serve.model`` and the bundle contract
+    ``lift_serve.bundle``): a rebuilt image with a changed exporter re-exports even when the
     lift-serve version number stayed the same. Found without importing them (no torch needed)."""
     digest = hashlib.sha256()
     files = []
-    for package, pattern in (("model", "*.py"), ("service", "bundle.py")):
+    for package, pattern in (("lift_serve.model", "*.py"), ("lift_serve.bundle", "*.py")):
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             return None
@@ -209,7 +209,7 @@ def is_current(bundle: Path, request: dict) -> bool:
 
 
 def run_lift_export(args: list[str]) -> int:
-    return subprocess.run([sys.executable, "-m", "lift_cli", "export", *args]).returncode
+    return subprocess.run([sys.executable, "-m", "lift_serve.cli", "export", *args]).returncode
 
 
 def main(environ: Mapping[str, str] | None = None,

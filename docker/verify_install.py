@@ -88,8 +88,8 @@ def check_cli(target: str) -> list[str]:
     building the parser must not import torch (it is not even installed there).
     """
     probe = (
-        "import sys, lift_cli\n"
-        "lift_cli.build_parser()\n"
+        "import sys\nfrom lift_serve import cli\n"
+        "cli.build_parser()\n"
         "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n"
     )
     # From a neutral directory, so the installed package is what gets imported, not a source tree.
@@ -101,8 +101,8 @@ def check_cli(target: str) -> list[str]:
     if target != "export" and imported != "[]":
         raise VerifyError(f"`lift` imported {imported} at start-up in the {target} image")
     lines = ["lift --help: ok"]
-    if importlib.util.find_spec("service.cli") is not None:
-        serve = subprocess.run([sys.executable, "-m", "lift_cli", "serve", "--help"], capture_output=True,
+    if importlib.util.find_spec("lift_serve.serve_cli") is not None:
+        serve = subprocess.run([sys.executable, "-m", "lift_serve.cli", "serve", "--help"], capture_output=True,
                                text=True, cwd=neutral)
         if serve.returncode != 0:
             raise VerifyError(f"`lift serve --help` failed:\n{serve.stderr.strip()}")

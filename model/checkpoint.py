@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lift_serve.model.lift import LiFT
 from torch import nn
-
-from model.lift import LiFT
 
 FORMAT_VERSION = 2  # 2: the backbone spec records channel_layout and pos_interpolation
 AUTHORS_CHANNEL_LAYOUT = "interleaved"

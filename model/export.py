@@ -1,6 +1,6 @@
 """Export a DenseExtractor to an ONNX bundle, with parity against PyTorch measured at export.
 
-The graph contract (see ``service/bundle.py`` for the manifest):
+The graph contract (see ``lift_serve.bundle`` (``bundle/``) for the manifest):
 
 * input ``image``: uint8 ``[B, H, W, 3]`` RGB pixels, NHWC, as images are decoded. Normalisation
   with the backbone's mean/std happens inside the graph, so a client sends 4x fewer bytes than
@@ -34,12 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from model.backbone import BackboneSpec, ViTBackbone
-from model.extractor import DenseExtractor
-from model.lift import LiFT
-from service.bundle import (
+from lift_serve.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     PRECISIONS,
@@ -49,6 +44,10 @@ from service.bundle import (
     sha256_file,
     validate_manifest,
 )
+from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+from lift_serve.model.extractor import DenseExtractor
+from lift_serve.model.lift import LiFT
+from torch import nn
 
 logger = logging.getLogger("lift.export")
 
@@ -362,7 +361,7 @@ def export_bundle(
     Returns:
         ``out_dir`` as a Path.
     """
-    from model.factory import load_backbone_and_lift
+    from lift_serve.model.factory import load_backbone_and_lift
 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ExportError(f"checkpoint {checkpoint} does not exist; pass the path of a LiFT checkpoint")

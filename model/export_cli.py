@@ -9,7 +9,12 @@ import argparse
 import logging
 import re
 
-from model.options import OptionError, add_backbone_arguments, add_checkpoint_argument, backbone_spec_unless_sidecar
+from lift_serve.model.options import (
+    OptionError,
+    add_backbone_arguments,
+    add_checkpoint_argument,
+    backbone_spec_unless_sidecar,
+)
 
 HELP = "export backbone + LiFT to an ONNX bundle (graphs + manifest) with parity measured against PyTorch"
 DEFAULT_OUT = "bundles/model"
@@ -96,8 +101,8 @@ def _print_summary(out, manifest: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lift").setLevel(logging.INFO)
-    from model.export import export_bundle, export_demo_bundle
-    from service.bundle import read_manifest
+    from lift_serve.bundle import read_manifest
+    from lift_serve.model.export import export_bundle, export_demo_bundle
 
     if args.demo:
         out = export_demo_bundle(args.out)

@@ -10,10 +10,9 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from lift_serve.model.backbone import ViTBackbone
+from lift_serve.model.lift import LiFT
 from torch import nn
-
-from model.backbone import ViTBackbone
-from model.lift import LiFT
 
 UPSAMPLE_MODES = ("lift", "bilinear")
 

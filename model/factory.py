@@ -6,16 +6,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone
-from model.checkpoint import (
+from lift_serve.model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone
+from lift_serve.model.checkpoint import (
     AUTHORS_CHANNEL_LAYOUT,
     CheckpointError,
     CheckpointMeta,
     load_lift_checkpoint,
     read_checkpoint_meta,
 )
-from model.extractor import DenseExtractor
-from model.lift import LiFT
+from lift_serve.model.extractor import DenseExtractor
+from lift_serve.model.lift import LiFT
 
 
 def load_backbone_and_lift(

@@ -62,7 +62,7 @@ def backbone_spec_unless_sidecar(args: argparse.Namespace):
     backbone options, ``--backbone`` defaulting to DEFAULT_BACKBONE. Imports torch (via model.backbone)."""
     from pathlib import Path
 
-    from model.backbone import BackboneSpec
+    from lift_serve.model.backbone import BackboneSpec
 
     if args.backbone is None and args.checkpoint is not None and Path(args.checkpoint).suffix == ".safetensors":
         return None

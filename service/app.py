@@ -15,22 +15,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
-
-from service.errors import ServiceError, error_body, install_error_handlers
-from service.features import FeatureService
-from service.metrics import ServiceMetrics
-from service.settings import Settings, get_settings
+from lift_serve.service.errors import error_body, install_error_handlers
+from lift_serve.service.features import FeatureService
+from lift_serve.service.metrics import ServiceMetrics
+from lift_serve.service.settings import Settings, get_settings
+from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState
 
 logger = logging.getLogger("lift.service")
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-DEMO_WARNING = ("DEMO BUNDLE: randomly initialised ViT and untrained LiFT — its features are MEANINGLESS. "
-                "It exists to try the API; serve a real bundle (`lift export ...`, then `lift serve --bundle DIR`).")
 # Headers a browser page may read from a cross-origin response.
 EXPOSED_HEADERS = ["X-Feature-Id", "X-Target-Feature-Id", "X-Feature-Id-A", "X-Feature-Id-B", "X-Feature-Shape",
                    "X-Feature-Stride", "X-Input-Size", "X-Image-Size", "X-Query-Cell", "Retry-After"]
@@ -49,28 +47,6 @@ NO_BUNDLE_MESSAGE = (
 )
 
 
-class ServiceState:
-    """Everything a request needs: settings, metrics and, once loaded, the runtime and its pipeline."""
-
-    def __init__(self, settings: Settings, runtime=None):
-        self.settings = settings
-        self.metrics = ServiceMetrics()
-        self.runtime = runtime
-        self.features: FeatureService | None = None
-        self.load_error: str | None = None
-        self.on_load_failure = None  # called (no arguments) when loading fails: `lift serve` then exits
-        self.started = time.time()
-
-    @property
-    def ready(self) -> bool:
-        return self.features is not None
-
-    def require_ready(self) -> FeatureService:
-        if self.features is not None:
-            return self.features
-        if self.load_error:
-            raise ServiceError(503, "model_load_failed", f"the model failed to load: {self.load_error}")
-        raise ServiceError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "2"})
 
 
 def check_settings(settings: Settings) -> None:
@@ -78,21 +54,25 @@ def check_settings(settings: Settings) -> None:
     if settings.bundle is None and not settings.demo:
         raise ConfigError(NO_BUNDLE_MESSAGE)
     if settings.bundle is not None:
-        from service.runtime import read_manifest
+        from lift_serve.service.runtime import read_manifest
 
         read_manifest(settings.bundle)
 
 
-def _load_runtime(settings: Settings):
-    """Export the demo bundle if asked (torch side, once, cached), then open and warm the runtime."""
-    from service.runtime import BundleRuntime
+def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | None):
+    """Export the demo bundle if asked (through the exporter the caller injected: the service never
+    imports the torch side), then open and warm the runtime."""
+    from lift_serve.service.runtime import BundleRuntime
 
     bundle = settings.bundle
     if bundle is None:
-        from model.export import export_demo_bundle  # torch: only in demo mode
-
+        if demo_exporter is None:
+            raise ConfigError(
+                "demo mode (LIFT_DEMO=true without LIFT_BUNDLE) exports its bundle with the torch side: start it "
+                "with `lift serve --demo` or `uvicorn --factory lift_serve.demo:create_app`, or set LIFT_BUNDLE"
+            )
         logger.warning(DEMO_WARNING)
-        bundle = export_demo_bundle(settings.demo_dir)
+        bundle = demo_exporter(settings.demo_dir)
     return BundleRuntime(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads,
                          inter_op_threads=settings.inter_op_threads)
 
@@ -100,7 +80,7 @@ def _load_runtime(settings: Settings):
 async def _start(state: ServiceState) -> None:
     try:
         if state.runtime is None:
-            state.runtime = await asyncio.to_thread(_load_runtime, state.settings)
+            state.runtime = await asyncio.to_thread(_load_runtime, state.settings, state.demo_exporter)
         features = FeatureService(state.runtime, state.settings, state.metrics)
         features.batcher.start()
         state.features = features
@@ -159,15 +139,18 @@ class MetricsMiddleware:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
-def create_app(settings: Settings | None = None, runtime=None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime=None,
+               demo_exporter: Callable[[Path], Path] | None = None) -> FastAPI:
     """The service application.
 
     Args:
         settings: configuration; None reads ``LIFT_*`` from the environment.
         runtime: an already loaded ``BundleRuntime`` to serve (tests, benchmarks); None loads the
             bundle named by the settings during startup.
+        demo_exporter: ``demo_dir -> bundle dir``, used when the settings ask for demo mode without
+            a bundle; injected by ``lift_serve.demo`` (torch side), never imported from here.
     """
-    from service.routes import router
+    from lift_serve.service.routes import router
 
     settings = settings or get_settings()
     logging.getLogger("lift").setLevel(settings.log_level.upper())
@@ -183,7 +166,7 @@ def create_app(settings: Settings | None = None, runtime=None) -> FastAPI:
         ),
         lifespan=lifespan,
     )
-    app.state.service = ServiceState(settings, runtime)
+    app.state.service = ServiceState(settings, runtime, demo_exporter)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     app.include_router(router)

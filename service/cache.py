@@ -16,9 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
-
-from service.geometry import ImageGeometry
-from service.matching import cell_norms
+from lift_serve.service.geometry import ImageGeometry
+from lift_serve.service.matching import cell_norms
 
 
 def content_hash(data: bytes) -> str:

@@ -24,9 +24,8 @@ import io
 import warnings
 
 import numpy as np
+from lift_serve.service.errors import ServiceError
 from PIL import Image, ImageOps
-
-from service.errors import ServiceError
 
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}

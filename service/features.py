@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from service.batcher import (
+from lift_serve.service.batcher import (
     BatcherClosedError,
     BatchHooks,
     BatchTimeoutError,
@@ -19,12 +19,12 @@ from service.batcher import (
     MicroBatcher,
     QueueFullError,
 )
-from service.cache import FeatureCache, FeatureEntry, content_hash, feature_id
-from service.codec import decode_image, read_header
-from service.errors import ServiceError
-from service.geometry import ImageGeometry
-from service.metrics import ServiceMetrics
-from service.settings import Settings
+from lift_serve.service.cache import FeatureCache, FeatureEntry, content_hash, feature_id
+from lift_serve.service.codec import decode_image, read_header
+from lift_serve.service.errors import ServiceError
+from lift_serve.service.geometry import ImageGeometry
+from lift_serve.service.metrics import ServiceMetrics
+from lift_serve.service.settings import Settings
 
 logger = logging.getLogger("lift.service")
 

@@ -7,9 +7,8 @@ this module only colours and draws.
 from __future__ import annotations
 
 import numpy as np
+from lift_serve.service.geometry import ImageGeometry
 from PIL import Image, ImageDraw
-
-from service.geometry import ImageGeometry
 
 # A perceptually ordered dark-blue -> teal -> yellow ramp: position in [0, 1] -> RGB.
 _RAMP_POSITIONS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])

@@ -15,16 +15,15 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from lift_serve.service.cache import FeatureEntry
+from lift_serve.service.codec import decode_image, encode_npy, encode_png
+from lift_serve.service.errors import ServiceError, error_body
+from lift_serve.service.features import FeatureService
+from lift_serve.service.matching import mutual_nearest_neighbors, similarity_map
+from lift_serve.service.render import heatmap_png_image, match_png_image
+from lift_serve.service.settings import Settings, get_settings
+from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState
 from starlette.requests import ClientDisconnect
-
-from service.app import DEMO_WARNING, STATIC_DIR, ServiceState
-from service.cache import FeatureEntry
-from service.codec import decode_image, encode_npy, encode_png
-from service.errors import ServiceError, error_body
-from service.features import FeatureService
-from service.matching import mutual_nearest_neighbors, similarity_map
-from service.render import heatmap_png_image, match_png_image
-from service.settings import Settings, get_settings
 
 router = APIRouter()
 

@@ -6,7 +6,7 @@ asked (TensorRT only when asked for, then CUDA, then CPU, which is always the la
 the ``lift.runtime`` logger which provider actually runs and why a preferred one was skipped, and
 warms up every supported input size so that the first request does not pay for ORT's lazy setup.
 
-Input and output conventions (the bundle's contract, see ``service/bundle.py``):
+Input and output conventions (the bundle's contract, see ``lift_serve.bundle``):
 
 * ``images``: uint8 ``[B, H, W, 3]`` RGB pixels 0..255, ``(H, W)`` one of :attr:`BundleRuntime.sizes`
   (resizing to a supported size is the caller's job: the geometry object that maps clicks to cells
@@ -21,8 +21,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
-from service.bundle import BundleError, graph_file_name, read_manifest, sha256_file
+from lift_serve.bundle import BundleError, graph_file_name, read_manifest, sha256_file
 
 __all__ = ["BundleError", "BundleRuntime", "read_manifest", "PROVIDERS", "GRAPH_OPTIMIZATIONS"]
 

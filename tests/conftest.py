@@ -21,14 +21,14 @@ def tiny_spec_dict(patch_size: int = 16, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from model.backbone import BackboneSpec
+    from lift_serve.model.backbone import BackboneSpec
 
     return BackboneSpec.from_dict(tiny_spec_dict())
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_spec):
-    from model.backbone import ViTBackbone
+    from lift_serve.model.backbone import ViTBackbone
 
     return ViTBackbone.from_spec(tiny_spec)
 
@@ -36,8 +36,7 @@ def tiny_backbone(tiny_spec):
 @pytest.fixture(scope="session")
 def tiny_lift(tiny_backbone):
     import torch
-
-    from model.lift import LiFT
+    from lift_serve.model.lift import LiFT
 
     torch.manual_seed(0)
     return LiFT(tiny_backbone.embed_dim, tiny_backbone.patch_size).eval()
@@ -54,11 +53,10 @@ def make_tiny_bundle(out_dir, **kwargs):
     from pathlib import Path
 
     import torch
-
-    from model.backbone import BackboneSpec, ViTBackbone
-    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
-    from model.export import export_bundle
-    from model.lift import LiFT
+    from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from lift_serve.model.export import export_bundle
+    from lift_serve.model.lift import LiFT
 
     out_dir = Path(out_dir)
     spec = BackboneSpec.from_dict(tiny_spec_dict())

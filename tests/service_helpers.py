@@ -38,8 +38,8 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def make_app(bundle, runtime, **settings):
-    from service.app import create_app
-    from service.settings import Settings
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
 
     return create_app(Settings(bundle=bundle, **settings), runtime=runtime)
 

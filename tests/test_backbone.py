@@ -1,8 +1,7 @@
 import pytest
 import torch
 from conftest import tiny_spec_dict
-
-from model.backbone import BackboneError, BackboneSpec, ViTBackbone, build_vit
+from lift_serve.model.backbone import BackboneError, BackboneSpec, ViTBackbone, build_vit
 
 
 @pytest.mark.parametrize("patch", [16, 8])

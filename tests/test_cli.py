@@ -1,11 +1,11 @@
 import subprocess
 import sys
 
-import lift_cli
+from lift_serve import cli as lift_cli
 
 
 def test_help_lists_every_command():
-    result = subprocess.run([sys.executable, "-m", "lift_cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "lift_serve.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for command in lift_cli.COMMANDS:
         assert command in result.stdout
@@ -54,9 +54,9 @@ def test_eval_size_zero_or_negative_is_an_error_not_a_traceback(tmp_path, capsys
     import json
 
     import pytest
+    from lift_serve.bench.spair import make_synthetic_spair
     from PIL import Image
 
-    from bench.spair import make_synthetic_spair
     from tests.conftest import tiny_spec_dict
 
     (tmp_path / "images").mkdir()
@@ -80,11 +80,11 @@ def test_eval_size_zero_or_negative_is_an_error_not_a_traceback(tmp_path, capsys
 
 
 def test_flops_sizes_and_recon_imsize_must_be_positive(tmp_path, capsys):
+    from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from lift_serve.model.lift import LiFT
     from PIL import Image
 
-    from model.backbone import BackboneSpec, ViTBackbone
-    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
-    from model.lift import LiFT
     from tests.conftest import tiny_spec_dict
 
     for sizes in ("0", "-16"):  # used to crash inside torch's flop counter

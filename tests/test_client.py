@@ -1,4 +1,4 @@
-"""service.client against the real app (tiny ONNX bundle) served by uvicorn on 127.0.0.1.
+"""lift_serve.client against the real app (tiny ONNX bundle) served by uvicorn on 127.0.0.1.
 
 Every client method runs against the live service; the retry tests put a transport in front of the
 live server that answers 429/503 a set number of times first (the real queue cannot be made to
@@ -15,10 +15,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from lift_serve.client import AsyncLiftClient, LiftAPIError, LiftClient, Match, image_bytes
 from live_server import live_server
 from PIL import Image
-
-from service.client import AsyncLiftClient, LiftAPIError, LiftClient, Match, image_bytes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,8 +41,8 @@ def png(array: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def server_url(tiny_bundle):
-    from service.app import create_app
-    from service.settings import Settings
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
 
     app = create_app(Settings(bundle=tiny_bundle, providers="cpu", max_wait_ms=1))
     with live_server(app) as url:
@@ -128,7 +127,7 @@ def test_several_images_in_one_request(client):
 
 
 def test_each_image_of_a_batch_keeps_its_own_id_and_sizes(server_url):
-    from service.client import _features_result
+    from lift_serve.client.lift_client import _features_result
 
     a, b = png(textured(60, 80, seed=20)), png(textured(64, 96, seed=21))
     response = httpx.post(f"{server_url}/v1/features", files=[("image", a), ("image", b)])
@@ -388,9 +387,9 @@ class SlowRuntime:
 def test_real_queue_overflow_is_retried(tiny_bundle):
     """The live app's own 429 (queue of one, 0.4 s per batch): without retries some of four concurrent
     requests fail with queue_full and a Retry-After; with retries all four succeed."""
-    from service.app import create_app
-    from service.runtime import BundleRuntime
-    from service.settings import Settings
+    from lift_serve.service.app import create_app
+    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.settings import Settings
 
     runtime = SlowRuntime(BundleRuntime(tiny_bundle, providers=("cpu",)), delay_s=0.4)
     settings = Settings(bundle=tiny_bundle, max_queue=1, max_batch_size=1, max_wait_ms=0)

@@ -163,7 +163,7 @@ def test_env_example_documents_every_variable():
 
     # The service's settings, with its defaults; those that compose sets or that need torch (the
     # demo) are explained instead.
-    from service.settings import Settings
+    from lift_serve.service.settings import Settings
 
     text = (ROOT / ".env.example").read_text()
     for field, info in Settings.model_fields.items():
@@ -423,8 +423,8 @@ def test_export_job_demo_needs_no_checkpoint(export_job, tmp_path):
 
 def test_export_job_runs_the_real_lift_export_once(export_job, tmp_path, tiny_backbone, tiny_lift, capsys):
     """The job drives the real `lift export` (our checkpoint names the tiny backbone), then skips."""
-    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
-    from service.bundle import read_manifest
+    from lift_serve.bundle import read_manifest
+    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
 
     meta = CheckpointMeta(backbone=tiny_backbone.spec.to_dict(), channels=tiny_backbone.embed_dim,
                           patch_size=tiny_backbone.patch_size, mean=list(tiny_backbone.mean),

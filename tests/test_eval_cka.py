@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from lift_serve.bench.cka import evaluate_cka, grid_rows, linear_cka, scaled_size
+from lift_serve.bench.eval_common import Method, TorchFeatureSource
 from PIL import Image
 
-from bench.cka import evaluate_cka, grid_rows, linear_cka, scaled_size
-from bench.eval_common import Method, TorchFeatureSource
 from tests.conftest import tiny_spec_dict
 
 
@@ -45,8 +45,8 @@ def photo_dir(tmp_path_factory):
 
 
 def test_scale_evaluation_reference_is_one(photo_dir, tiny_backbone):
-    from bench.eval_common import list_images, load_rgb, square_crop
-    from model.backbone import BackboneSpec
+    from lift_serve.bench.eval_common import list_images, load_rgb, square_crop
+    from lift_serve.model.backbone import BackboneSpec
 
     source = TorchFeatureSource(BackboneSpec.from_dict(tiny_spec_dict()), None)
     images = [square_crop(load_rgb(p), 64) for p in list_images(photo_dir)]
@@ -62,8 +62,9 @@ def test_scale_evaluation_reference_is_one(photo_dir, tiny_backbone):
 
 
 def test_cli_writes_json_and_plot(photo_dir, tiny_lift, tmp_path, capsys):
-    from lift_cli import main
-    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
+
+    from lift_serve.cli import main
 
     ckpt = save_lift_checkpoint(tmp_path / "lift.safetensors", tiny_lift,
                                 CheckpointMeta(backbone=tiny_spec_dict(), channels=32, patch_size=16,

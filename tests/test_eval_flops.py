@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from bench.eval_common import Method
-from bench.flops import FLOPS_SPEC, flops_table
+from lift_serve.bench.eval_common import Method
+from lift_serve.bench.flops import FLOPS_SPEC, flops_table
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def test_vit_s_and_lift_flops_match_the_paper(vit_s_rows):
 
 
 def test_cli_puts_pck_next_to_flops(tmp_path, capsys):
-    from lift_cli import main
+    from lift_serve.cli import main
 
     pck = tmp_path / "spair.json"
     pck.write_text(json.dumps({"eval": "spair", "config": {"method": "lift:1", "size": 224},

@@ -11,9 +11,9 @@ import json
 
 import numpy as np
 import pytest
+from lift_serve.bench.eval_common import EvalError, load_rgb
+from lift_serve.bench.spair import PALETTE, PaddedSquare, evaluate_spair, make_synthetic_spair, read_spair_pairs
 
-from bench.eval_common import EvalError, load_rgb
-from bench.spair import PALETTE, PaddedSquare, evaluate_spair, make_synthetic_spair, read_spair_pairs
 from tests.conftest import tiny_spec_dict
 
 
@@ -114,8 +114,9 @@ def test_padded_square_geometry():
 
 
 def test_cli_writes_json_and_plot(spair_root, tmp_path, tiny_lift):
-    from lift_cli import main
-    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
+
+    from lift_serve.cli import main
 
     spec = tiny_spec_dict()
     ckpt = save_lift_checkpoint(tmp_path / "lift.safetensors", tiny_lift,
@@ -138,8 +139,9 @@ def test_cli_writes_json_and_plot(spair_root, tmp_path, tiny_lift):
 
 
 def test_bundle_and_pytorch_sources_agree(spair_root, tiny_bundle, tmp_path):
-    from bench.eval_common import BundleFeatureSource, Method, TorchFeatureSource
-    from lift_cli import main
+    from lift_serve.bench.eval_common import BundleFeatureSource, Method, TorchFeatureSource
+
+    from lift_serve.cli import main
 
     bundle = BundleFeatureSource(tiny_bundle)
     torch_source = TorchFeatureSource(None, tiny_bundle.parent / f"{tiny_bundle.name}_lift.safetensors")
@@ -165,8 +167,7 @@ def test_match_is_the_argmax_of_cosine_over_upsampled_features():
     # norms differ (interpolated unit vectors shrink between cells).
     import torch
     import torch.nn.functional as F
-
-    from bench.spair import transfer_keypoints
+    from lift_serve.bench.spair import transfer_keypoints
 
     rng = np.random.default_rng(0)
     size, grid = 32, 4
@@ -189,8 +190,7 @@ def test_match_is_the_argmax_of_cosine_over_upsampled_features():
 
 def _backbone_features(backbone):
     import torch
-
-    from model.extractor import Preprocessing
+    from lift_serve.model.extractor import Preprocessing
 
     prep = Preprocessing(backbone.mean, backbone.std, backbone.patch_size)
 
@@ -228,7 +228,7 @@ def test_authors_protocol_predicts_cell_centres_or_border_pixels(tmp_path, tiny_
     """eval_spair.py normalises cells before upsampling and takes raw dot products: along each axis
     the score is linear between neighbouring cell centres, so its maximum sits beside a centre (or in
     the clamped border band). The cosine variant lands anywhere."""
-    from bench.spair import transfer_keypoints
+    from lift_serve.bench.spair import transfer_keypoints
 
     root = make_synthetic_spair(tmp_path, categories=("cat", "dog"), pairs_per_category=3, seed=2)
     features = _backbone_features(tiny_backbone)
@@ -273,7 +273,7 @@ def test_authors_sampling_is_eval_spairs(tmp_path):
 
 
 def test_cli_records_the_protocol(spair_root, tmp_path, tiny_bundle):
-    from lift_cli import main
+    from lift_serve.cli import main
 
     for protocol, pairs in (("authors", 200), ("cosine", 4)):
         out = tmp_path / f"{protocol}.json"

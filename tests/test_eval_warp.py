@@ -6,10 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from bench.eval_common import Method, TorchFeatureSource
-from bench.warp import (
+from lift_serve.bench.eval_common import Method, TorchFeatureSource
+from lift_serve.bench.warp import (
     WarpConfig,
     apply_homography,
     evaluate_warp,
@@ -18,6 +16,8 @@ from bench.warp import (
     sample_homography,
     warp_image,
 )
+from PIL import Image
+
 from tests.conftest import tiny_spec_dict
 
 METHODS = [Method("backbone"), Method("bilinear", 1), Method("lift", 1), Method("lift", 2)]
@@ -36,7 +36,7 @@ def photo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_source(tiny_lift, tmp_path_factory):
-    from model.checkpoint import CheckpointMeta, save_lift_checkpoint
+    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
 
     path = save_lift_checkpoint(tmp_path_factory.mktemp("ckpt") / "lift.safetensors", tiny_lift,
                                 CheckpointMeta(backbone=tiny_spec_dict(), channels=32, patch_size=16,
@@ -56,7 +56,7 @@ def test_homography_maps_points_like_the_warped_image():
 
 
 def test_pairs_are_deterministic_per_seed(photo_dir):
-    from bench.eval_common import list_images
+    from lift_serve.bench.eval_common import list_images
 
     images = list_images(photo_dir)
     a = make_pairs(images, 4, seed=5, size=64, config=WarpConfig())
@@ -73,7 +73,7 @@ def test_pairs_are_deterministic_per_seed(photo_dir):
 
 
 def test_identity_warp_is_perfect_for_every_method(photo_dir, tiny_source):
-    from bench.eval_common import list_images
+    from lift_serve.bench.eval_common import list_images
 
     source, _ = tiny_source
     pairs = make_pairs(list_images(photo_dir), 2, seed=0, size=64, config=WarpConfig(identity=True))
@@ -89,7 +89,7 @@ def test_identity_warp_is_perfect_for_every_method(photo_dir, tiny_source):
 
 
 def test_real_warp_is_not_perfect_and_is_reproducible(photo_dir, tiny_source):
-    from bench.eval_common import list_images
+    from lift_serve.bench.eval_common import list_images
 
     source, _ = tiny_source
     images = list_images(photo_dir)
@@ -101,7 +101,7 @@ def test_real_warp_is_not_perfect_and_is_reproducible(photo_dir, tiny_source):
 
 
 def test_cli_writes_json_table_and_plot(photo_dir, tiny_source, tmp_path, capsys):
-    from lift_cli import main
+    from lift_serve.cli import main
 
     _, ckpt = tiny_source
     out = tmp_path / "warp.json"

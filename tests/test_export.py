@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_spec_dict
+from lift_serve.bundle import sha256_file
+from lift_serve.model.backbone import BackboneSpec
+from lift_serve.model.export import ExportError, _publish, export_bundle, export_demo_bundle, natural_image
+from lift_serve.model.export_cli import parse_iterations, parse_sizes
+from lift_serve.model.extractor import DenseExtractor
+from lift_serve.model.lift import LiFT
+from lift_serve.model.options import OptionError
+from lift_serve.service.runtime import BundleRuntime
 
-import lift_cli
-from model.backbone import BackboneSpec
-from model.export import ExportError, _publish, export_bundle, export_demo_bundle, natural_image
-from model.export_cli import parse_iterations, parse_sizes
-from model.extractor import DenseExtractor
-from model.lift import LiFT
-from model.options import OptionError
-from service.bundle import sha256_file
-from service.runtime import BundleRuntime
+from lift_serve import cli as lift_cli
 
 
 def tiny_args(*extra: str) -> list[str]:
@@ -123,15 +123,15 @@ def test_fp16_export_verified_on_cpu(tmp_path, tiny_backbone):
 
 
 def test_parity_failure_refuses_and_leaves_nothing(tmp_path, tiny_bundle, monkeypatch):
-    import model.export
+    import lift_serve.model.export
 
     # Reuse the fixture's graph instead of exporting again (export itself is covered above); a
     # cosine threshold above 1 cannot be met, so the export must fail and publish nothing.
     def copy_graph(graph, path, multiple, opset):
         shutil.copy(tiny_bundle / "model_k0.onnx", path)
 
-    monkeypatch.setattr(model.export, "_export_graph", copy_graph)
-    monkeypatch.setitem(model.export.MIN_COSINE, "fp32", 1.5)
+    monkeypatch.setattr(lift_serve.model.export, "_export_graph", copy_graph)
+    monkeypatch.setitem(lift_serve.model.export.MIN_COSINE, "fp32", 1.5)
     with pytest.raises(ExportError, match=r"parity check failed for model_k0.onnx \(fp32\) at 64x64.*min cosine"):
         export_bundle(tmp_path / "bundle", BackboneSpec.from_dict(tiny_spec_dict()), None,
                       lift_iterations=(0,), sizes=[64])
@@ -158,7 +158,7 @@ def test_publish_replaces_a_bundle_but_not_other_directories(tmp_path):
 
 
 def test_demo_bundle_is_reused_when_current(tmp_path, tiny_bundle, monkeypatch):
-    import model.export
+    import lift_serve.model.export
 
     cached = tmp_path / "demo"
     shutil.copytree(tiny_bundle, cached)
@@ -168,13 +168,13 @@ def test_demo_bundle_is_reused_when_current(tmp_path, tiny_bundle, monkeypatch):
     demo_spec = {"name": manifest["backbone"]["timm_name"], "weights": "random", "seed": manifest["backbone"]["seed"],
                  "layer": -1, "facet": "key", "model_kwargs": manifest["backbone"]["model_kwargs"],
                  "channel_layout": manifest["backbone"]["channel_layout"]}
-    monkeypatch.setattr(model.export, "DEMO_SPEC", demo_spec)
-    monkeypatch.setattr(model.export, "DEMO_SIZES", ((64, 64), (64, 96)))
+    monkeypatch.setattr(lift_serve.model.export, "DEMO_SPEC", demo_spec)
+    monkeypatch.setattr(lift_serve.model.export, "DEMO_SIZES", ((64, 64), (64, 96)))
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(model.export, "export_modules", no_export)
+    monkeypatch.setattr(lift_serve.model.export, "export_modules", no_export)
     assert export_demo_bundle(cached) == cached
     (cached / "model_k1.onnx").write_bytes(b"truncated")  # a damaged cache is not reused
     with pytest.raises(AssertionError, match="exported again"):
@@ -207,7 +207,7 @@ def test_cli_refuses_bad_options(tmp_path, capsys, extra, message):
 
 
 def test_sizes_are_deduplicated_and_must_fit_patch():
-    from model.export import normalise_sizes
+    from lift_serve.model.export import normalise_sizes
 
     assert normalise_sizes([64, (64, 96), (64, 64)], 16) == [(64, 64), (64, 96)]
     with pytest.raises(ExportError, match="multiple of the patch size"):
@@ -217,8 +217,8 @@ def test_sizes_are_deduplicated_and_must_fit_patch():
 def test_cli_takes_backbone_from_sidecar_unless_named():
     import argparse
 
-    from model.export_cli import add_arguments
-    from model.options import backbone_spec_unless_sidecar as _spec
+    from lift_serve.model.export_cli import add_arguments
+    from lift_serve.model.options import backbone_spec_unless_sidecar as _spec
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

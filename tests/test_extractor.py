@@ -2,10 +2,9 @@ import json
 
 import pytest
 import torch
-
-from model.backbone import BackboneSpec
-from model.checkpoint import CheckpointMeta, load_lift_checkpoint, save_lift_checkpoint
-from model.extractor import DenseExtractor
+from lift_serve.model.backbone import BackboneSpec
+from lift_serve.model.checkpoint import CheckpointMeta, load_lift_checkpoint, save_lift_checkpoint
+from lift_serve.model.extractor import DenseExtractor
 
 
 @pytest.mark.parametrize("iterations,grid", [(0, (4, 6)), (1, (8, 12)), (2, (16, 24))])
@@ -44,7 +43,7 @@ def test_preprocessing_comes_from_timm_config(tiny_backbone):
 
 
 def test_mismatched_lift_is_refused(tiny_backbone):
-    from model.lift import LiFT
+    from lift_serve.model.lift import LiFT
 
     with pytest.raises(ValueError, match="does not fit the backbone"):
         DenseExtractor(tiny_backbone, LiFT(64, 16))
@@ -76,7 +75,7 @@ def test_missing_checkpoint_says_how_to_get_one(tmp_path):
 
 
 def test_damaged_checkpoint_files_are_checkpoint_errors(tmp_path, tiny_spec, tiny_lift):
-    from model.checkpoint import CheckpointError, sidecar_path
+    from lift_serve.model.checkpoint import CheckpointError, sidecar_path
 
     meta = CheckpointMeta(backbone=tiny_spec.to_dict(), channels=32, patch_size=16, mean=[0.5] * 3, std=[0.5] * 3)
     path = save_lift_checkpoint(tmp_path / "lift.safetensors", tiny_lift, meta)
@@ -92,8 +91,8 @@ def test_damaged_checkpoint_files_are_checkpoint_errors(tmp_path, tiny_spec, tin
 
 
 def test_missing_checkpoint_is_named_before_sidecar_or_backbone(tmp_path):
-    from model.checkpoint import CheckpointError
-    from model.factory import load_backbone_and_lift
+    from lift_serve.model.checkpoint import CheckpointError
+    from lift_serve.model.factory import load_backbone_and_lift
 
     # Ours: used to complain about a missing .json sidecar. Authors': used to build the backbone
     # first (a hub download, or a hub error) before noticing the weights are not there.

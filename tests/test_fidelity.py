@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+from lift_serve.model.checkpoint import CheckpointError, CheckpointMeta, save_lift_checkpoint
+from lift_serve.model.extractor import DenseExtractor
+from lift_serve.model.factory import build_extractor, load_backbone_and_lift
+from lift_serve.model.lift import LiFT
 
-import lift_cli
-from model.backbone import BackboneSpec, ViTBackbone
-from model.checkpoint import CheckpointError, CheckpointMeta, save_lift_checkpoint
-from model.extractor import DenseExtractor
-from model.factory import build_extractor, load_backbone_and_lift
-from model.lift import LiFT
+from lift_serve import cli as lift_cli
 from tests.conftest import tiny_spec_dict
 
 VIT_S = {"embed_dim": 384, "heads": 6, "depth": 12, "patch": 16}
@@ -171,8 +171,9 @@ def _recon_distances(k0_session, k1_session, images_uint8: np.ndarray) -> dict[s
 def authors_format_lift(tmp_path_factory):
     """A LiFT trained for 40 steps on interleaved (authors'-layout) key features of the tiny ViT,
     re-saved as the authors save theirs: a plain state dict, with and without ``module.``."""
+    from lift_serve.training.trainer import train
+
     from tests.test_training import make_images, tiny_config
-    from training.trainer import train
 
     root = tmp_path_factory.mktemp("authors_lift")
     make_images(root / "train", 32, seed=0)
@@ -205,7 +206,8 @@ def _export_args(checkpoint, backbone_file, out, *extra):
 
 @pytest.mark.parametrize("which", ["plain", "module_prefix"])
 def test_authors_pth_through_export_and_runtime_beats_bilinear(authors_format_lift, which, capsys):
-    from service.runtime import BundleRuntime
+    from lift_serve.service.runtime import BundleRuntime
+
     from tests.test_training import make_images
 
     root, plain, wrapped, backbone_file = authors_format_lift

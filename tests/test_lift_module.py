@@ -1,8 +1,7 @@
 import pytest
 import torch
-
-from model.checkpoint import CheckpointError, load_state_dict_checked
-from model.lift import LiFT, count_trainable_parameters
+from lift_serve.model.checkpoint import CheckpointError, load_state_dict_checked
+from lift_serve.model.lift import LiFT, count_trainable_parameters
 
 
 def test_parameter_count_matches_paper():
@@ -47,7 +46,7 @@ def test_state_dict_round_trip_gives_identical_output():
 
 
 def test_module_prefix_loads(tmp_path):
-    from model.checkpoint import load_lift_checkpoint
+    from lift_serve.model.checkpoint import load_lift_checkpoint
 
     a = LiFT(32, 16).eval()
     path = tmp_path / "authors.pth"

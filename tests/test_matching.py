@@ -1,6 +1,5 @@
 import numpy as np
-
-from service.matching import mutual_nearest_neighbors, similarity_map
+from lift_serve.service.matching import mutual_nearest_neighbors, similarity_map
 
 
 def _random_map(seed, c=16, h=5, w=7):

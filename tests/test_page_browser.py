@@ -40,8 +40,8 @@ def _chromium_missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def server_url(tiny_bundle):
-    from service.app import create_app
-    from service.settings import Settings
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
 
     app = create_app(Settings(bundle=tiny_bundle, providers="cpu", max_wait_ms=1))
     with live_server(app) as url:
@@ -80,7 +80,7 @@ def _wait(driver, condition, message: str):
 
 def _picture(height: int, width: int, seed: int) -> np.ndarray:
     """uint8 [H, W, 3] with smooth gradients and flat shapes, so different points differ."""
-    from model.export import natural_image
+    from lift_serve.model.export import natural_image
 
     return natural_image(height, width, seed=seed)
 
@@ -334,8 +334,8 @@ class NotReadyAtFirst:
 
 
 def test_page_waits_for_a_loading_model(tiny_bundle, browser):
-    from service.app import create_app
-    from service.settings import Settings
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
 
     app = NotReadyAtFirst(create_app(Settings(bundle=tiny_bundle, providers="cpu")), times=2)
     with live_server(app) as url:

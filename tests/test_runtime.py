@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from service.bundle import sha256_file
-from service.runtime import BundleError, BundleRuntime, read_manifest, resolve_providers
+from lift_serve.bundle import sha256_file
+from lift_serve.service.runtime import BundleError, BundleRuntime, read_manifest, resolve_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +203,7 @@ def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, runtime):
         sys.modules["torch"] = None   # any `import torch` now raises ImportError
         sys.modules["timm"] = None
         import numpy as np
-        from service.runtime import BundleRuntime
+        from lift_serve.service.runtime import BundleRuntime
         runtime = BundleRuntime({str(tiny_bundle)!r})
         out = runtime.run(np.load({str(tiny_bundle.parent / "images.npy")!r}), 0)
         np.save({str(tiny_bundle.parent / "out.npy")!r}, out)

@@ -12,7 +12,7 @@ from service_helpers import blocks, encode, make_app, metric, noise, png_declari
 
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
-    from service.runtime import BundleRuntime
+    from lift_serve.service.runtime import BundleRuntime
 
     return BundleRuntime(tiny_bundle, providers="cpu")
 
@@ -61,10 +61,10 @@ def test_health_models_metrics_docs(client):
 
 def test_not_ready_until_loaded_and_missing_bundle_message(tiny_bundle, monkeypatch, capsys):
     from fastapi.testclient import TestClient
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
 
-    import lift_cli
-    from service.app import create_app
-    from service.settings import Settings
+    from lift_serve import cli as lift_cli
 
     unstarted = TestClient(create_app(Settings(bundle=tiny_bundle)))  # no lifespan: model never loaded
     assert unstarted.get("/healthz").status_code == 200
@@ -86,7 +86,7 @@ def test_serve_exits_2_when_the_bundle_cannot_load(tiny_bundle, tmp_path, capsys
     """A manifest without its graphs passes the startup check; the failed load must stop `lift serve`."""
     import shutil
 
-    import lift_cli
+    from lift_serve import cli as lift_cli
 
     shutil.copy(tiny_bundle / "manifest.json", tmp_path / "manifest.json")
     assert lift_cli.main(["serve", "--bundle", str(tmp_path), "--port", "0", "--log-level", "error"]) == 2
@@ -97,7 +97,7 @@ def test_serve_exits_2_when_the_bundle_cannot_load(tiny_bundle, tmp_path, capsys
 def test_serve_exits_2_when_the_port_is_taken(tiny_bundle, capsys):
     import socket
 
-    import lift_cli
+    from lift_serve import cli as lift_cli
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -110,8 +110,8 @@ def test_serve_exits_2_when_the_port_is_taken(tiny_bundle, capsys):
 
 # -- features ---------------------------------------------------------------------------------------
 def test_features_npy_equal_the_runtime_on_the_planned_input(client, runtime):
-    from service.codec import decode_image
-    from service.geometry import ImageGeometry
+    from lift_serve.service.codec import decode_image
+    from lift_serve.service.geometry import ImageGeometry
 
     pixels = noise(100, 150, seed=3)
     data = encode(pixels)

@@ -7,15 +7,14 @@ import time
 
 import numpy as np
 import pytest
+from lift_serve.service.batcher import BatchTimeoutError, MicroBatcher, QueueFullError
+from lift_serve.service.cache import FeatureCache, FeatureEntry
+from lift_serve.service.codec import decode_image, read_header
+from lift_serve.service.errors import ServiceError
+from lift_serve.service.geometry import ImageGeometry, choose_input_size
+from lift_serve.service.settings import Settings
 from PIL import Image
 from service_helpers import encode
-
-from service.batcher import BatchTimeoutError, MicroBatcher, QueueFullError
-from service.cache import FeatureCache, FeatureEntry
-from service.codec import decode_image, read_header
-from service.errors import ServiceError
-from service.geometry import ImageGeometry, choose_input_size
-from service.settings import Settings
 
 SIZES = [(64, 64), (64, 96)]
 
@@ -227,7 +226,7 @@ def test_batcher_drops_gone_clients_before_running():
         async def gone():
             return True
 
-        from service.batcher import ClientGoneError
+        from lift_serve.service.batcher import ClientGoneError
 
         with pytest.raises(ClientGoneError):
             await batcher.submit(np.zeros((4, 4, 3), np.uint8), 0, is_gone=gone)
@@ -258,7 +257,7 @@ def test_settings_from_environment(monkeypatch):
 
 
 def test_similarity_with_cached_norms_equals_the_plain_computation():
-    from service.matching import cell_norms, similarity_map
+    from lift_serve.service.matching import cell_norms, similarity_map
 
     features = np.random.default_rng(0).standard_normal((16, 5, 7)).astype(np.float32)
     query = features[:, 2, 3]
@@ -314,10 +313,10 @@ def test_batcher_waits_to_refill_the_previous_batch_size():
 
 
 def test_a_cache_budget_below_one_image_is_refused_at_startup(tiny_bundle):
-    from service.features import FeatureService
-    from service.metrics import ServiceMetrics
-    from service.runtime import BundleRuntime
-    from service.settings import Settings
+    from lift_serve.service.features import FeatureService
+    from lift_serve.service.metrics import ServiceMetrics
+    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.settings import Settings
 
     runtime = BundleRuntime(tiny_bundle, providers=("cpu",), warmup=False)
     with pytest.raises(ValueError, match="LIFT_CACHE_BYTES=1000 cannot hold the features of one image"):

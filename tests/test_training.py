@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lift_serve.training.trainer import TrainConfig, TrainError, train
 from PIL import Image, ImageDraw
 
-import lift_cli
+from lift_serve import cli as lift_cli
 from tests.conftest import tiny_spec_dict
-from training.trainer import TrainConfig, TrainError, train
 
 TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--backbone-weights", "random", "--seed", "7",
              "--backbone-kwargs", json.dumps(tiny_spec_dict()["model_kwargs"])]
@@ -99,7 +99,7 @@ def test_training_lowers_the_loss_and_writes_its_files(trained):
 
 
 def test_trained_checkpoint_rebuilds_through_the_shared_factory(trained):
-    from model.factory import build_extractor
+    from lift_serve.model.factory import build_extractor
 
     root, result = trained
     extractor = build_extractor(None, result.checkpoint)
@@ -170,12 +170,12 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
 
 
 def test_missing_or_empty_folder_fails_clearly_before_any_model_is_built(tmp_path, capsys, monkeypatch):
-    import training.trainer
+    import lift_serve.training.trainer
 
     def no_models(*_args, **_kwargs):
         raise AssertionError("a model was built before the data folder was checked")
 
-    monkeypatch.setattr(training.trainer, "build_models", no_models)
+    monkeypatch.setattr(lift_serve.training.trainer, "build_models", no_models)
     assert lift_cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *TINY_ARGS]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -199,7 +199,7 @@ def test_bad_settings_are_refused_with_a_reason(tmp_path, capsys, extra, message
 
 
 def test_objective_distances_and_downsampling():
-    from training.objective import downsample, feature_distance
+    from lift_serve.training.objective import downsample, feature_distance
 
     a = torch.randn(2, 8, 3, 3)
     assert feature_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
@@ -214,10 +214,10 @@ def test_objective_distances_and_downsampling():
 
 
 def test_a_step_trains_lift_and_leaves_the_backbone_frozen(tiny_backbone):
-    from model.extractor import Preprocessing
-    from model.lift import LiFT
-    from training.objective import TwoOctaveLiFT
-    from training.trainer import TrainStep
+    from lift_serve.model.extractor import Preprocessing
+    from lift_serve.model.lift import LiFT
+    from lift_serve.training.objective import TwoOctaveLiFT
+    from lift_serve.training.trainer import TrainStep
 
     before = {k: v.clone() for k, v in tiny_backbone.state_dict().items()}
     lift = LiFT(32, 16).train()
@@ -252,7 +252,7 @@ def test_torchrun_two_process_gloo_run_writes_one_checkpoint(tmp_path):
     make_images(tmp_path / "data", 8, seed=6)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "lift_cli", "train", "--data", str(tmp_path / "data"), "--out", str(out), "--imsize", "64",
+               "-m", "lift_serve.cli", "train", "--data", str(tmp_path / "data"), "--out", str(out), "--imsize", "64",
                "--batch-size", "2", "--epochs", "1", "--workers", "0", "--device", "cpu", "--no-progress",
                *TINY_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.options import add_backbone_arguments, backbone_spec_dict
+from lift_serve.model.options import add_backbone_arguments, backbone_spec_dict
 
 HELP = "training throughput (images/s) for a backbone at an image size, on synthetic images; writes JSON"
 
@@ -55,11 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-
-    from model.extractor import Preprocessing
-    from model.lift import count_trainable_parameters
-    from training.objective import TwoOctaveLiFT, backbone_pyramid
-    from training.trainer import TrainError, TrainStep, build_models
+    from lift_serve.model.extractor import Preprocessing
+    from lift_serve.model.lift import count_trainable_parameters
+    from lift_serve.training.objective import TwoOctaveLiFT, backbone_pyramid
+    from lift_serve.training.trainer import TrainError, TrainStep, build_models
 
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         raise TrainError("--steps and --batch-size must be >= 1 and --warmup >= 0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from model.options import add_backbone_arguments, backbone_spec_dict
+from lift_serve.model.options import add_backbone_arguments, backbone_spec_dict
 
 HELP = "train LiFT on a folder of images (self-supervised, paper Eq. 1); resumable, torchrun-ready"
 
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from training.trainer import TrainConfig
+    from lift_serve.training.trainer import TrainConfig
 
     return TrainConfig(
         data=args.data, out=args.out, backbone=backbone_spec_dict(args), imsize=args.imsize,
@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.trainer import train
+    from lift_serve.training.trainer import train
 
     result = train(config_from_args(args))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.options import add_backbone_arguments, backbone_spec_unless_sidecar
+from lift_serve.model.options import add_backbone_arguments, backbone_spec_unless_sidecar
 
 HELP = "reconstruction cosine distance (paper Eq. 1) of LiFT vs bilinear/nearest upsampling on held-out images"
 
@@ -38,12 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-
-    from model.extractor import Preprocessing
-    from model.factory import load_backbone_and_lift
-    from training.data import ImageFolderDataset, collate_images, scan_image_folder
-    from training.recon import ReconstructionMeter, format_table
-    from training.trainer import TrainError, check_imsize_for_patch
+    from lift_serve.model.extractor import Preprocessing
+    from lift_serve.model.factory import load_backbone_and_lift
+    from lift_serve.training.data import ImageFolderDataset, collate_images, scan_image_folder
+    from lift_serve.training.recon import ReconstructionMeter, format_table
+    from lift_serve.training.trainer import TrainError, check_imsize_for_patch
 
     scan = scan_image_folder(args.data)  # fail on a bad folder before loading any model
     backbone, lift, meta = load_backbone_and_lift(backbone_spec_unless_sidecar(args), args.checkpoint)

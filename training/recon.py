@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from training.objective import backbone_pyramid, cosine_distance_map
+from lift_serve.training.objective import backbone_pyramid, cosine_distance_map
 
 METHODS = ("lift", "bilinear", "nearest", "backbone")
 OCTAVES = ("x/2->x", "x/4->x/2")

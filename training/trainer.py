@@ -43,13 +43,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from model.backbone import BackboneSpec, ViTBackbone
-from model.checkpoint import CheckpointMeta, save_lift_checkpoint
-from model.extractor import Preprocessing
-from model.lift import LiFT
-from training.data import RESIZE_MODES, ImageFolderDataset, ShardSampler, collate_images, scan_image_folder
-from training.objective import DOWNSAMPLES, LOSSES, TwoOctaveLiFT, reconstruction_loss
+from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
+from lift_serve.model.extractor import Preprocessing
+from lift_serve.model.lift import LiFT
+from lift_serve.training.data import RESIZE_MODES, ImageFolderDataset, ShardSampler, collate_images, scan_image_folder
+from lift_serve.training.objective import DOWNSAMPLES, LOSSES, TwoOctaveLiFT, reconstruction_loss
 
 CHECKPOINT_NAME = "lift.safetensors"
 RESUME_NAME = "resume.pt"

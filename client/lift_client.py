@@ -1,6 +1,6 @@
 """A small typed Python client for the lift-serve HTTP API (httpx; no torch, no onnxruntime).
 
->>> from service.client import LiftClient
+>>> from lift_serve.client import LiftClient
 >>> with LiftClient("http://127.0.0.1:8000") as client:
 ...     feats = client.features("cat.jpg")                 # [C, h, w] float32
 ...     heat = client.similarity("cat.jpg", x=120, y=80)   # [h, w] cosine similarities

@@ -33,8 +33,8 @@ def build_settings(args: argparse.Namespace):
     """Settings from the environment with the flags on top (a ConfigError for invalid values)."""
     from pydantic import ValidationError
 
-    from service.app import ConfigError
-    from service.settings import Settings
+    from lift_serve.service.app import ConfigError
+    from lift_serve.service.settings import Settings
 
     if args.bundle and args.demo:
         raise ConfigError("--bundle and --demo exclude each other: serve your bundle or the demo, not both")
@@ -54,18 +54,15 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.app import DEMO_WARNING, ConfigError, check_settings, create_app
+    from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
 
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.bundle is None and settings.demo:
-        try:
-            from model.export import export_demo_bundle
-        except ImportError as exc:
-            raise ConfigError(f"--demo exports a bundle with torch, which is not installed here ({exc}); install "
-                              "the 'train' extra, or serve a bundle exported elsewhere with --bundle DIR") from None
+        from lift_serve.demo import export_demo
+
         logging.getLogger("lift.service").warning(DEMO_WARNING)
-        settings = settings.model_copy(update={"bundle": export_demo_bundle(settings.demo_dir)})
+        settings = settings.model_copy(update={"bundle": export_demo(settings.demo_dir)})
     check_settings(settings)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -13,20 +13,20 @@ import sys
 
 # command -> module, or group -> {subcommand -> module}
 COMMANDS: dict[str, str | dict[str, str]] = {
-    "train": "training.cli",
-    "export": "model.export_cli",
-    "serve": "service.cli",
+    "train": "lift_serve.training.cli",
+    "export": "lift_serve.model.export_cli",
+    "serve": "lift_serve.serve_cli",
     "eval": {
-        "recon": "training.eval_recon_cli",
-        "spair": "bench.spair_cli",
-        "warp": "bench.warp_cli",
-        "cka": "bench.cka_cli",
-        "flops": "bench.flops_cli",
+        "recon": "lift_serve.training.eval_recon_cli",
+        "spair": "lift_serve.bench.spair_cli",
+        "warp": "lift_serve.bench.warp_cli",
+        "cka": "lift_serve.bench.cka_cli",
+        "flops": "lift_serve.bench.flops_cli",
     },
     "bench": {
-        "export": "bench.export_bench",
-        "serve": "bench.serve_bench",
-        "train": "training.bench_cli",
+        "export": "lift_serve.bench.export_bench",
+        "serve": "lift_serve.bench.serve_bench",
+        "train": "lift_serve.training.bench_cli",
     },
 }
 

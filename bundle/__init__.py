@@ -1,4 +1,6 @@
-"""The bundle manifest: its schema and validation (json + numpy-free, no torch).
+"""The bundle contract, owned by neither side: the manifest schema and its validation (no torch,
+no numpy, no ONNX Runtime). The exporter (`lift_serve.model`) writes it and the service
+(`lift_serve.service`) reads it; neither imports the other.
 
 A bundle is a directory written by ``lift export``::
 

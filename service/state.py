@@ -1,0 +1,41 @@
+"""What the routes share with the app: the service's state per process, and the constants the
+page and the answers use. Its own module so that ``routes`` and ``app`` do not import each other."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lift_serve.service.errors import ServiceError
+from lift_serve.service.features import FeatureService
+from lift_serve.service.metrics import ServiceMetrics
+from lift_serve.service.settings import Settings
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEMO_WARNING = ("DEMO BUNDLE: randomly initialised ViT and untrained LiFT — its features are MEANINGLESS. "
+                "It exists to try the API; serve a real bundle (`lift export ...`, then `lift serve --bundle DIR`).")
+
+class ServiceState:
+    """Everything a request needs: settings, metrics and, once loaded, the runtime and its pipeline."""
+
+    def __init__(self, settings: Settings, runtime=None, demo_exporter: Callable[[Path], Path] | None = None):
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.runtime = runtime
+        self.demo_exporter = demo_exporter
+        self.features: FeatureService | None = None
+        self.load_error: str | None = None
+        self.on_load_failure = None  # called (no arguments) when loading fails: `lift serve` then exits
+        self.started = time.time()
+
+    @property
+    def ready(self) -> bool:
+        return self.features is not None
+
+    def require_ready(self) -> FeatureService:
+        if self.features is not None:
+            return self.features
+        if self.load_error:
+            raise ServiceError(503, "model_load_failed", f"the model failed to load: {self.load_error}")
+        raise ServiceError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "2"})
