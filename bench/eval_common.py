@@ -195,24 +195,24 @@ class TorchFeatureSource:
 
 
 class BundleFeatureSource:
-    """Feature functions from an exported ONNX bundle (``service.runtime.BundleRuntime``).
+    """Feature functions from an exported ONNX bundle (``service.runtime.open_runtime``).
 
-    ``lift:k`` runs the bundle's graph for k iterations, ``backbone`` its k=0 graph, and
-    ``bilinear:k`` bilinearly resizes the k=0 graph's output; each needs that graph in the bundle.
+    ``lift:k`` runs the bundle's backbone and k upsampler steps, ``backbone`` the backbone alone, and
+    ``bilinear:k`` bilinearly resizes the backbone's output; each needs that density in the bundle.
     Inputs must have one of the bundle's exported sizes.
     """
 
     def __init__(self, bundle_dir: str | Path):
-        from lift_serve.service.runtime import BundleRuntime
+        from lift_serve.service.runtime import open_runtime
 
         self.bundle_dir = str(bundle_dir)
-        self.runtime = BundleRuntime(bundle_dir, providers=("cuda", "cpu"))
+        self.runtime = open_runtime(bundle_dir, providers=("cuda", "cpu"))
         self.patch_size = self.runtime.patch_size
 
     def _graph(self, iterations: int, method: Method) -> int:
         if iterations not in self.runtime.iterations:
             raise EvalError(
-                f"method {method.name} needs the bundle's graph for {iterations} LiFT iterations, but "
+                f"method {method.name} needs {iterations} LiFT iterations, but "
                 f"{self.bundle_dir} offers {self.runtime.iterations}; re-export with that iteration count"
             )
         return iterations
@@ -235,7 +235,7 @@ class BundleFeatureSource:
         return features
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "bundle", "bundle": self.bundle_dir, "manifest": self.runtime.manifest}
+        return {"source": "bundle", "bundle": self.bundle_dir, "manifest": self.runtime.manifest.model_dump()}
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 What one run does, all on this machine:
 
-1. **Raw model throughput**: the bundle's ``BundleRuntime.run`` (in this process) on ``--size``
+1. **Raw model throughput**: the bundle's ``Runtime.run`` (in this process) on ``--size``
    inputs at batch sizes 1, 2, 4, 8, 16 (median of ``--raw-repeats`` calls each, after one warm-up)
    picks the best batch size, the reference below. The server runs with ``--max-batch-size``
    (default 8, the service default; on a CPU the sweep is nearly flat, so picking its noisy maximum
@@ -97,9 +97,9 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- raw model -----------------------------------------------------------------------------------------
 def open_runtime(bundle: Path, size: int, providers: str):
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.runtime import open_runtime
 
-    runtime = BundleRuntime(bundle, providers=providers)
+    runtime = open_runtime(bundle, providers=providers)
     if (size, size) not in runtime.sizes:
         raise BenchError(f"--size {size} is not one of the bundle's sizes {runtime.sizes}")
     return runtime
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError("--concurrency must list positive integers and --requests must be >= 1")
     bundle = Path(args.bundle) if args.bundle else None
     if bundle is None:
-        from lift_serve.model.export import export_demo_bundle
+        from lift_serve.model.demo import export_demo_bundle
         from lift_serve.service.settings import Settings
 
         # the same directory `lift serve --demo` uses (LIFT_DEMO_DIR), so the export is shared

@@ -34,7 +34,9 @@ SPair numbers come from:
   (``numpy.random.RandomState(seed).choice(len, N)``, default N = 100, the authors'
   ``--pairs_per_category``), one random stream over the categories in sorted order (the authors
   walk them in ``os.listdir`` order, which differs between file systems; sorted is the reproducible
-  reading). ``N = 0`` takes every pair once.
+  reading). ``N = 0`` takes every pair once;
+* keypoints, errors and thresholds in float32, as their tensors are (an integer keypoint can land on
+  another query pixel in float64).
 
 ``cosine`` is the variant this project used first: features bilinearly upsampled, then normalised
 per pixel (true cosine similarity of the upsampled features; predictions can land anywhere), and
@@ -123,6 +125,13 @@ class PaddedSquare:
 
     def apply_length(self, length: float) -> float:
         return float(length) * self.scale
+
+    def apply_coords_float32(self, points: np.ndarray) -> np.ndarray:
+        """:meth:`apply_coords` in float32, as eval_spair.py computes it (a float32 tensor scaled in
+        place, then shifted): an integer keypoint such as 90 * 0.7 can land on 63.0 in float32 but on
+        62.99999999999999 in float64, i.e. on another query pixel."""
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 2) * np.float32(self.scale)
+        return points + np.array([self.offset_x, self.offset_y], dtype=np.float32)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -321,7 +330,9 @@ def evaluate_spair(
         errors, threshold = scored[key]
         entry["keypoints"] += len(errors)
         for alpha in alphas:
-            entry["correct"][alpha] += int((errors < alpha * threshold).sum())
+            # float32 under the authors' protocol (threshold and alpha as their float32 tensors)
+            limit = np.float32(alpha) * threshold if protocol == "authors" else alpha * threshold
+            entry["correct"][alpha] += int((errors < limit).sum())
     return summarize(counts, alphas)
 
 
@@ -332,9 +343,14 @@ def _pair_errors(pair: SPairPair, feature_fn: FeatureFn, size: int, protocol: st
     trg_geo = PaddedSquare.for_image(*trg_image.size, size)
     src_features = feature_fn(src_geo.apply_image(src_image))
     trg_features = feature_fn(trg_geo.apply_image(trg_image))
+    x1, y1, x2, y2 = pair.trg_bbox
+    if protocol == "authors":  # keypoints, errors and the threshold in float32, as eval_spair.py
+        predicted = transfer_keypoints(src_features, trg_features, src_geo.apply_coords_float32(pair.src_kps), size,
+                                       protocol)
+        errors = np.linalg.norm(predicted.astype(np.float32) - trg_geo.apply_coords_float32(pair.trg_kps), axis=1)
+        return errors, np.float32(trg_geo.apply_length(max(x2 - x1, y2 - y1)))
     predicted = transfer_keypoints(src_features, trg_features, src_geo.apply_coords(pair.src_kps), size, protocol)
     errors = np.linalg.norm(predicted - trg_geo.apply_coords(pair.trg_kps), axis=1)
-    x1, y1, x2, y2 = pair.trg_bbox
     return errors, trg_geo.apply_length(max(x2 - x1, y2 - y1))
 
 

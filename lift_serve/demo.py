@@ -1,5 +1,5 @@
 """Demo mode, orchestrated above both sides: the torch-side exporter writes an untrained demo bundle
-(``lift_serve.model.export.export_demo_bundle``) and the service, which never imports torch, is
+(``lift_serve.model.demo.export_demo_bundle``) and the service, which never imports torch, is
 handed that exporter. ``lift serve --demo`` uses :func:`export_demo`; for uvicorn use
 ``LIFT_DEMO=true uvicorn --factory lift_serve.demo:create_app``.
 """
@@ -18,7 +18,7 @@ class DemoUnavailable(RuntimeError):
 def export_demo(demo_dir: Path) -> Path:
     """Export (or reuse) the demo bundle in ``demo_dir``; needs the ``train`` extra (torch)."""
     try:
-        from lift_serve.model.export import export_demo_bundle
+        from lift_serve.model.demo import export_demo_bundle
     except ImportError as exc:
         raise DemoUnavailable(
             f"demo mode exports a bundle with torch, which is not installed here ({exc}); install the 'train' "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from pathlib import Path
 
 from lift_serve.model.options import (
     OptionError,
@@ -16,7 +17,7 @@ from lift_serve.model.options import (
     backbone_spec_unless_sidecar,
 )
 
-HELP = "export backbone + LiFT to an ONNX bundle (graphs + manifest) with parity measured against PyTorch"
+HELP = "export backbone + LiFT to an ONNX bundle (backbone graph, upsampler graphs, manifest) with parity measured"
 DEFAULT_OUT = "bundles/model"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
@@ -66,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundle directory to write; an existing bundle there is replaced atomically "
                              "(default: %(default)s)")
     parser.add_argument("--lift-iterations", default="1", metavar="K[,K...]",
-                        help="LiFT rounds; one graph per value, so the service can offer each (0 = backbone "
-                             "features only, 1 = 2x denser, 2 = 4x). Example: 0,1,2 (default: %(default)s)")
+                        help="densities the service offers, as LiFT rounds (0 = backbone features only, 1 = 2x denser, "
+                             "2 = 4x); every value shares the one backbone graph and the one step graph, "
+                             "applied k times. Example: 0,1,2 (default: %(default)s)")
     parser.add_argument("--default-iterations", type=int, default=None, metavar="K",
                         help="iterations the service uses when a request does not say (default: 1 if "
                              "exported, else the largest)")
@@ -84,25 +86,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "448, iterations 0,1); other model options are ignored")
 
 
-def _print_summary(out, manifest: dict) -> None:
-    print(f"bundle written to {out}")
-    print(f"  backbone {manifest['backbone']['timm_name']} ({manifest['backbone']['weights']}), "
-          f"channels {manifest['output']['channels']}, precision {manifest['onnx']['precision']}, "
-          f"opset {manifest['onnx']['opset']}")
-    print(f"  {'graph':<16}{'stride':>7}  {'size':<10}{'batch':>6}  {'max abs err':>12}  {'min cosine':>13}")
-    files = {g["iterations"]: g for g in manifest["graphs"]}
-    for case in manifest["parity"]["cases"]:
-        graph = files[case["iterations"]]
-        size = f"{case['size'][0]}x{case['size'][1]}"
-        print(f"  {graph['file']:<16}{graph['stride']:>7g}  {size:<10}{case['batch']:>6}  "
-              f"{case['max_abs_err']:>12.3g}  {case['min_cosine']:>13.9f}")
+def _print_summary(out, manifest) -> None:
+    """The bundle's files and its parity table (ONNX Runtime vs PyTorch fp32) on stdout."""
+    backbone = manifest.backbone
+    print(f"bundle written to {out} (format {manifest.format_version})")
+    print(f"  backbone {backbone.timm_name} ({backbone.weights}), channels {manifest.output.channels}, "
+          f"facet {backbone.facet} ({backbone.channel_layout}), position rule {backbone.pos_interpolation}, "
+          f"precision {manifest.onnx.precision}, opset {manifest.onnx.opset}")
+    upsampler = manifest.upsampler
+    if upsampler is not None:
+        print(f"  upsampler {upsampler.kind} {upsampler.parameters} (checkpoint: {upsampler.checkpoint_format}), "
+              f"densities {manifest.iterations} (default {manifest.default_iterations})")
+    for role, graph in manifest.graph_files().items():
+        size = (Path(out) / graph.file).stat().st_size
+        print(f"  {graph.file:<24} {role:<18} {size / 1e6:8.1f} MB")
+    print(f"  {'parity case':<22}{'stride':>7}  {'size':<10}{'batch':>6}  {'max abs err':>12}  {'min cosine':>13}")
+    for case in manifest.parity.cases:
+        name = case.graph if case.graph != "chain" else f"chain k={case.iterations}"
+        size = f"{case.size[0]}x{case.size[1]}"
+        print(f"  {name:<22}{manifest.stride(case.iterations):>7g}  {size:<10}{case.batch:>6}  "
+              f"{case.max_abs_err:>12.3g}  {case.min_cosine:>13.9f}")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lift").setLevel(logging.INFO)
     from lift_serve.bundle import read_manifest
-    from lift_serve.model.export import export_bundle, export_demo_bundle
+    from lift_serve.model.demo import export_demo_bundle
+    from lift_serve.model.export import export_bundle
 
     if args.demo:
         out = export_demo_bundle(args.out)

@@ -1,7 +1,9 @@
 """Image -> dense features: backbone, then k rounds of LiFT (or a bilinear baseline).
 
-Round i (i >= 1) of LiFT sees the image bilinearly upsampled by 2^(i-1), as the authors apply it
-repeatedly, so round i maps features on a (2^(i-1) H/P) grid to a (2^i H/P) grid.
+Round i (i >= 1) of LiFT sees the image bilinearly upsampled by 2^(i-1) (the previous round's guide
+doubled), as the authors apply it repeatedly, so round i maps features on a (2^(i-1) H/P) grid to a
+(2^i H/P) grid. The upsampler is used through its iterative interface (``prepare`` once per image,
+``step`` per round; see ``model.upsampler``), the same split the exported bundle has.
 """
 
 from __future__ import annotations
@@ -109,9 +111,12 @@ class DenseExtractor(nn.Module):
             return features
         if self.upsample == "bilinear":
             return F.interpolate(features, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        guide = image
-        for round_index in range(self.lift_iterations):
-            if round_index > 0:
-                guide = F.interpolate(guide, scale_factor=2, mode="bilinear", align_corners=False)
-            features = self.lift(guide, features)
+        return self.run_upsampler(image, features, self.lift_iterations)
+
+    def run_upsampler(self, image: torch.Tensor, features: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` upsampler rounds on backbone ``features`` of normalised ``image``: the chain the
+        bundle's prepare and step graphs compute (``prepare`` once, then ``step`` k times)."""
+        state = self.lift.prepare(image)
+        for _ in range(steps):
+            state, features = self.lift.step(state, features)
         return features

@@ -17,6 +17,7 @@ For ``LiFT(384, 16)`` this is 1,187,280 trainable parameters, the paper's "1.2 M
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_PATCH_SIZES = (8, 16)
@@ -122,6 +123,25 @@ class LiFT(nn.Module):
         image_coarse = self.image_convs_2(image_fine)  # [B,32,H/P,W/P]
         x = self.up1(torch.cat([features, image_coarse], dim=1), image_fine)
         return self.outc(x)
+
+
+    # -- the iterative-upsampler interface (model.upsampler) -----------------------------------------
+    kind = "lift"
+
+    def config(self) -> dict:
+        """Constructor arguments: ``LiFT(**config())`` rebuilds the module (weights aside)."""
+        return {"in_channels": self.in_channels, "patch_size": self.patch_size}
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-image state before the first step: the guide image of round 1, the normalised image."""
+        return image
+
+    def step(self, guide: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round: features at twice the density, and the guide of the next round, the guide
+        bilinearly doubled, as the authors apply LiFT repeatedly (each round's guide is the previous
+        one upsampled, not the image resized anew)."""
+        upsampled = self(guide, features)
+        return F.interpolate(guide, scale_factor=2, mode="bilinear", align_corners=False), upsampled
 
 
 def count_trainable_parameters(module: nn.Module) -> int:

@@ -62,7 +62,7 @@ def check_settings(settings: Settings) -> None:
 def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | None):
     """Export the demo bundle if asked (through the exporter the caller injected: the service never
     imports the torch side), then open and warm the runtime."""
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.runtime import open_runtime
 
     bundle = settings.bundle
     if bundle is None:
@@ -73,7 +73,7 @@ def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | No
             )
         logger.warning(DEMO_WARNING)
         bundle = demo_exporter(settings.demo_dir)
-    return BundleRuntime(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads,
+    return open_runtime(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads,
                          inter_op_threads=settings.inter_op_threads)
 
 
@@ -82,7 +82,7 @@ async def _start(state: ServiceState) -> None:
         if state.runtime is None:
             state.runtime = await asyncio.to_thread(_load_runtime, state.settings, state.demo_exporter)
         features = FeatureService(state.runtime, state.settings, state.metrics)
-        features.batcher.start()
+        features.start()
         state.features = features
         if state.runtime.demo:
             logger.warning(DEMO_WARNING)
@@ -108,7 +108,7 @@ async def lifespan(app: FastAPI):
         with contextlib.suppress(BaseException):
             await loader
         if state.features is not None:
-            await state.features.batcher.stop()
+            await state.features.stop()
 
 
 class MetricsMiddleware:
@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None, runtime=None,
 
     Args:
         settings: configuration; None reads ``LIFT_*`` from the environment.
-        runtime: an already loaded ``BundleRuntime`` to serve (tests, benchmarks); None loads the
+        runtime: an already opened ``Runtime`` to serve (tests, benchmarks); None loads the
             bundle named by the settings during startup.
         demo_exporter: ``demo_dir -> bundle dir``, used when the settings ask for demo mode without
             a bundle; injected by ``lift_serve.demo`` (torch side), never imported from here.

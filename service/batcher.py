@@ -67,9 +67,27 @@ class BatchHooks:
     on_depth: Callable[[int], None] = lambda depth: None
 
 
+Payload = np.ndarray | tuple[np.ndarray, ...]
+
+
+def _stack(payloads: list[Payload]) -> Payload:
+    """Rows -> one batch: an array per row, or a tuple of arrays per row (stacked part by part)."""
+    if isinstance(payloads[0], tuple):
+        return tuple(np.stack(parts) for parts in zip(*payloads, strict=True))
+    return np.stack(payloads)
+
+
+def _row(batch: Payload, index: int, own: bool) -> Payload:
+    # A row of a batch is a view that keeps the whole batch alive; the feature cache holds results
+    # for long and budgets them by their own size, so each gets its own copy (``own``).
+    if isinstance(batch, tuple):
+        return tuple(part[index].copy() if own else part[index] for part in batch)
+    return batch[index].copy() if own else batch[index]
+
+
 @dataclasses.dataclass
 class _Item:
-    image: np.ndarray
+    image: Payload
     future: asyncio.Future
     enqueued: float
     is_gone: Callable[[], Awaitable[bool]] | None
@@ -80,18 +98,22 @@ class MicroBatcher:
     """Groups single-image requests into batched calls of ``run_batch``.
 
     Args:
-        run_batch: ``(images uint8 [B, H, W, 3], iterations) -> float32 [B, C, h, w]``; called in
-            the batcher's own thread, one call at a time.
+        run_batch: ``(batch, iterations) -> result``; called in the batcher's thread, one call at a
+            time. A batch stacks the submitted payloads: arrays (``[B, ...]``), or tuples of arrays
+            stacked part by part; the result is an array or a tuple of arrays with B rows, whose
+            row i (part by part) answers request i.
         max_batch_size: largest B (1 = no batching).
         max_wait_s: longest time the oldest request waits for others before its batch runs.
         max_queue: most requests waiting at once.
         timeout_s: per-request limit from :meth:`submit` to result.
         hooks: metric callbacks.
+        executor: a single-thread executor to run batches in, shared with other batchers so that
+            inference calls never overlap (None: the batcher makes and owns one).
     """
 
-    def __init__(self, run_batch: Callable[[np.ndarray, int], np.ndarray], max_batch_size: int = 8,
+    def __init__(self, run_batch: Callable[[Payload, int], Payload], max_batch_size: int = 8,
                  max_wait_s: float = 0.005, max_queue: int = 64, timeout_s: float = 30.0,
-                 hooks: BatchHooks | None = None):
+                 hooks: BatchHooks | None = None, executor: ThreadPoolExecutor | None = None):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.run_batch = run_batch
@@ -108,7 +130,8 @@ class MicroBatcher:
         self._depth = 0
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = executor
+        self._owns_executor = executor is None
         self._last_batch_s = 0.05
         self._last_size: dict[tuple, tuple[int, float]] = {}  # key -> (size, seconds) of its last batch
 
@@ -116,7 +139,8 @@ class MicroBatcher:
     def start(self) -> None:
         """Start the worker on the running event loop."""
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lift-inference")
+        if self._owns_executor:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lift-inference")
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="lift-batcher")
 
     async def stop(self) -> None:
@@ -134,7 +158,7 @@ class MicroBatcher:
                     item.future.set_exception(BatcherClosedError("the server is shutting down"))
         self._pending.clear()
         self._set_depth(0)
-        if self._executor is not None:
+        if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=True)
             self._executor = None
 
@@ -146,7 +170,7 @@ class MicroBatcher:
     # -- requests --------------------------------------------------------------------------------
     @staticmethod
     def key(image_shape: tuple[int, ...], iterations: int) -> tuple[int, int, int]:
-        """The grouping key of an ``[H, W, 3]`` image run with ``iterations``."""
+        """The grouping key of an ``[H, W, 3]`` image (a payload's first part) run with ``iterations``."""
         return int(image_shape[0]), int(image_shape[1]), int(iterations)
 
     def expect(self, key: tuple) -> None:
@@ -163,18 +187,18 @@ class MicroBatcher:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def submit(self, image: np.ndarray, iterations: int,
-                     is_gone: Callable[[], Awaitable[bool]] | None = None) -> np.ndarray:
-        """Features of one image.
+    async def submit(self, image: Payload, iterations: int,
+                     is_gone: Callable[[], Awaitable[bool]] | None = None) -> Payload:
+        """The result row of one request.
 
         Args:
-            image: uint8 ``[H, W, 3]`` model input.
-            iterations: graph to run.
+            image: uint8 ``[H, W, 3]`` model input, or a tuple whose first part it is.
+            iterations: density to compute.
             is_gone: async predicate checked just before inference (e.g. ``request.is_disconnected``);
                 True drops the request without running it.
 
         Returns:
-            float32 ``[C, h, w]``.
+            this request's row of ``run_batch``'s result (e.g. float32 ``[C, h, w]``).
 
         Raises:
             QueueFullError, BatchTimeoutError, BatcherClosedError, ClientGoneError, or what
@@ -186,7 +210,7 @@ class MicroBatcher:
             batches_ahead = math.ceil(self._depth / self.max_batch_size) + 1
             raise QueueFullError(self._depth, max(1, math.ceil(batches_ahead * self._last_batch_s)))
         loop = asyncio.get_running_loop()
-        key = self.key(image.shape, iterations)
+        key = self.key((image[0] if isinstance(image, tuple) else image).shape, iterations)
         item = _Item(image, loop.create_future(), loop.time(), is_gone)
         self._pending.setdefault(key, deque()).append(item)
         self._set_depth(self._depth + 1)
@@ -270,7 +294,7 @@ class MicroBatcher:
             live = await self._live(batch)
             if not live:
                 continue
-            images = np.stack([item.image for item in live])
+            images = _stack([item.image for item in live])
             started = time.perf_counter()
             try:
                 features = await loop.run_in_executor(self._executor, self.run_batch, images, key[2])
@@ -286,8 +310,6 @@ class MicroBatcher:
             self.batches_run += 1
             self.images_run += len(live)
             self.hooks.on_batch(len(live), seconds)
-            for item, result in zip(live, features, strict=True):
+            for index, item in enumerate(live):
                 if not item.future.done():
-                    # A row of a batch is a view that keeps the whole batch alive; the feature cache
-                    # holds results for long and budgets them by their own size, so each gets its own copy.
-                    item.future.set_result(result.copy() if len(live) > 1 else result)
+                    item.future.set_result(_row(features, index, own=len(live) > 1))

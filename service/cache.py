@@ -1,9 +1,16 @@
 """Bounded LRU of computed features, by bytes: expensive once, a click later is a dot product.
 
-Keys are feature ids (:func:`feature_id`): the SHA-256 of the uploaded bytes plus everything that
-changes the features (LiFT iterations, resize policy, model input size). Values are
-:class:`FeatureEntry` objects holding the features as float32, exactly as the runtime returned them,
-so a cache hit answers bit-identically to a miss (float16 responses are cast per response).
+Two kinds of entries share one budget:
+
+* an :class:`Embedding` per image, keyed by :func:`embedding_key` (the SHA-256 of the uploaded bytes,
+  resize policy, model input size): the backbone features and the model-input pixels, everything
+  the upsampler needs to produce *any* density without the backbone;
+* a :class:`FeatureEntry` per (image, density), keyed by its feature id (:func:`feature_id`, the
+  embedding key plus ``k<iterations>``): the features at that density, as the runtime returned
+  them (float32), so a cache hit answers bit-identically to a miss.
+
+A feature id names its image's embedding, so a request with an id and another ``iterations`` is
+answered from the cached embedding with upsampler steps only.
 """
 
 from __future__ import annotations
@@ -24,10 +31,53 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def embedding_key(digest: str, geometry: ImageGeometry) -> str:
+    """``<sha256 of the bytes, 32 hex>-<policy>-<H>x<W>``: one image as the model sees it."""
+    policy = "sq" if geometry.policy == "square" else "ka"
+    return f"{digest[:32]}-{policy}-{geometry.input_height}x{geometry.input_width}"
+
+
 def feature_id(digest: str, iterations: int, geometry: ImageGeometry) -> str:
     """``<sha256 of the bytes, 32 hex>-k<iterations>-<policy>-<H>x<W>``: stable across restarts."""
     policy = "sq" if geometry.policy == "square" else "ka"
     return f"{digest[:32]}-k{iterations}-{policy}-{geometry.input_height}x{geometry.input_width}"
+
+
+def parse_feature_id(fid: str) -> tuple[str, int] | None:
+    """``(embedding key, iterations)`` of a feature id, or None if it is not one."""
+    parts = fid.split("-")
+    if len(parts) != 4 or not parts[1].startswith("k") or not parts[1][1:].isdigit() or len(parts[1]) > 3:
+        return None
+    return f"{parts[0]}-{parts[2]}-{parts[3]}", int(parts[1][1:])
+
+
+def with_iterations(key: str, iterations: int) -> str:
+    """The feature id of embedding ``key`` at density ``iterations``."""
+    digest, policy, size = key.split("-")
+    return f"{digest}-k{iterations}-{policy}-{size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """One image's backbone pass: enough to produce features at any density later.
+
+    Attributes:
+        id: :func:`embedding_key`.
+        coarse: float32 ``[C, H/P, W/P]`` backbone features.
+        pixels: uint8 ``[H, W, 3]`` model-input image (the upsampler's guide).
+        geometry: how the original image maps onto the model input (stride = patch size).
+        image_bytes: the uploaded file, kept to draw overlays later (re-decoded on demand).
+    """
+
+    id: str
+    coarse: np.ndarray
+    pixels: np.ndarray
+    geometry: ImageGeometry
+    image_bytes: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.coarse.nbytes) + int(self.pixels.nbytes) + len(self.image_bytes) + 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +89,8 @@ class FeatureEntry:
         features: float32 ``[C, grid_height, grid_width]``.
         geometry: how the original image maps onto the grid.
         iterations: LiFT rounds used.
-        image_bytes: the uploaded file, kept to draw overlays later (re-decoded on demand).
+        image_bytes: the uploaded file, kept to draw overlays later (re-decoded on demand); the same
+            object as its embedding's, so it is counted there.
     """
 
     id: str
@@ -55,13 +106,13 @@ class FeatureEntry:
 
     @property
     def nbytes(self) -> int:
-        # features + uploaded file + the norms + rough object overhead
+        # features + the norms + rough object overhead (the file is counted with the embedding)
         size = int(self.features.nbytes)
-        return size + size // max(1, self.features.shape[0]) + len(self.image_bytes) + 1024
+        return size + size // max(1, self.features.shape[0]) + 1024
 
 
 class FeatureCache:
-    """Thread-safe LRU bounded by total :attr:`FeatureEntry.nbytes`.
+    """Thread-safe LRU of :class:`Embedding` and :class:`FeatureEntry` objects bounded by their total ``nbytes``.
 
     Args:
         max_bytes: budget; 0 disables caching. An entry larger than the budget is not stored.
@@ -71,21 +122,23 @@ class FeatureCache:
     def __init__(self, max_bytes: int, on_hit: Callable[[], None] | None = None,
                  on_miss: Callable[[], None] | None = None):
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[str, FeatureEntry] = OrderedDict()
+        self._entries: OrderedDict[str, FeatureEntry | Embedding] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._on_hit = on_hit or (lambda: None)
         self._on_miss = on_miss or (lambda: None)
 
-    def get(self, key: str) -> FeatureEntry | None:
+    def get(self, key: str, count: bool = True):
+        """The entry under ``key`` (now the most recent), or None; ``count`` = report hit/miss."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-        (self._on_hit if entry is not None else self._on_miss)()
+        if count:
+            (self._on_hit if entry is not None else self._on_miss)()
         return entry
 
-    def put(self, entry: FeatureEntry) -> bool:
+    def put(self, entry: FeatureEntry | Embedding) -> bool:
         """Store ``entry`` (most recent), evicting the least recently used; False if it cannot fit."""
         size = entry.nbytes
         if size > self.max_bytes:

@@ -1,16 +1,22 @@
 """From uploaded bytes (or a feature id) to cached dense features: the service's one pipeline.
 
 ``upload bytes -> (thread) hash + header -> geometry plan -> cache lookup -> (thread) decode + resize
--> MicroBatcher -> FeatureEntry in the cache``. Every route goes through :class:`FeatureService`, so
-all of them share the cache, the batcher and the one geometry object per image.
+-> MicroBatcher (backbone + upsampler) -> Embedding and FeatureEntry in the cache``. A density not
+yet computed for a cached image skips the backbone: its embedding (backbone features and the
+model-input pixels) goes through a second batcher that runs only the upsampler's steps. Both
+batchers share one inference thread, so engine calls never overlap. Every route goes through
+:class:`FeatureService`, so all of them share the cache, the batchers and the geometry per image.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from lift_serve.service.batcher import (
     BatcherClosedError,
     BatchHooks,
@@ -19,7 +25,15 @@ from lift_serve.service.batcher import (
     MicroBatcher,
     QueueFullError,
 )
-from lift_serve.service.cache import FeatureCache, FeatureEntry, content_hash, feature_id
+from lift_serve.service.cache import (
+    Embedding,
+    FeatureCache,
+    FeatureEntry,
+    content_hash,
+    embedding_key,
+    parse_feature_id,
+    with_iterations,
+)
 from lift_serve.service.codec import decode_image, read_header
 from lift_serve.service.errors import ServiceError
 from lift_serve.service.geometry import ImageGeometry
@@ -33,7 +47,7 @@ class FeatureService:
     """Features for uploads and feature ids, through the cache and the batcher.
 
     Args:
-        runtime: a loaded ``service.runtime.BundleRuntime`` (or anything with its ``sizes``,
+        runtime: a loaded :class:`~lift_serve.service.runtime.Runtime` (or anything with its ``sizes``,
             ``iterations``, ``default_iterations``, ``stride(k)`` and ``run(images, k)``).
         settings: limits, resize policy, batching knobs.
         metrics: where cache and batch metrics go.
@@ -45,28 +59,48 @@ class FeatureService:
         self.metrics = metrics
         self._check_cache_budget(runtime, settings.cache_bytes)
         self.cache = FeatureCache(settings.cache_bytes, on_hit=metrics.cache_hits.inc, on_miss=metrics.cache_misses.inc)
-        self.batcher = MicroBatcher(
-            runtime.run,
-            max_batch_size=settings.effective_batch_size,
-            max_wait_s=settings.max_wait_ms / 1000.0,
-            max_queue=settings.max_queue,
-            timeout_s=settings.request_timeout_s,
-            hooks=BatchHooks(on_batch=metrics.observe_batch,
-                             on_drop=lambda reason: metrics.dropped.labels(reason).inc(),
-                             on_depth=metrics.queue_depth.set),
-        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lift-inference")
+        options = dict(max_batch_size=settings.effective_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
+                       max_queue=settings.max_queue, timeout_s=settings.request_timeout_s,
+                       hooks=BatchHooks(on_batch=metrics.observe_batch,
+                                        on_drop=lambda reason: metrics.dropped.labels(reason).inc(),
+                                        on_depth=metrics.queue_depth.set),
+                       executor=self._executor)
+        self.batcher = MicroBatcher(self._embed_and_upsample, **options)
+        self.upsampler = MicroBatcher(self._upsample, **options)
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.upsampler.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self.upsampler.stop()
+        self._executor.shutdown(wait=True)
+
+    # -- what the batchers run (inference thread) ----------------------------------------------------
+    def _embed_and_upsample(self, images: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+        coarse = self.runtime.embed(images)
+        return coarse, (self.runtime.upsample(images, coarse, iterations) if iterations else coarse)
+
+    def _upsample(self, batch: tuple[np.ndarray, np.ndarray], iterations: int) -> np.ndarray:
+        pixels, coarse = batch
+        return self.runtime.upsample(pixels, coarse, iterations)
 
     @staticmethod
     def _check_cache_budget(runtime, cache_bytes: int) -> None:
-        """Refuse a cache budget that cannot hold one image's features (0 = caching off is allowed).
+        """Refuse a cache budget that cannot hold one image (0 = caching off is allowed): its
+        embedding and its features at the densest offered density, with their per-cell norms.
 
         Such a cache would hand out feature ids that are already evicted, so every re-click fails.
         """
         if cache_bytes <= 0:
             return
         largest = max(
-            (runtime.channels + 1) * h * w * 4  # features and their per-cell norms, float32
+            runtime.channels * ch * cw * 4 + height * width * 3  # embedding: coarse features + pixels
+            + (runtime.channels + 1) * h * w * 4  # features at density k and their norms, float32
             for height, width in runtime.sizes
+            for ch, cw in [runtime.feature_size(height, width, 0)]
             for k in runtime.iterations
             for h, w in [runtime.feature_size(height, width, k)]
         )
@@ -86,31 +120,27 @@ class FeatureService:
                                f"{self.runtime.iterations} (see GET /v1/models)")
         return requested
 
-    def _plan(self, data: bytes, iterations: int) -> tuple[str, ImageGeometry]:
+    def _plan(self, data: bytes) -> tuple[str, ImageGeometry]:
         header = read_header(data, self.settings.max_pixels)
         geometry = ImageGeometry.plan(header.width, header.height, self.runtime.sizes, self.settings.resize_policy,
-                                      self.runtime.stride(iterations))
-        return feature_id(content_hash(data), iterations, geometry), geometry
+                                      self.runtime.stride(0))
+        return embedding_key(content_hash(data), geometry), geometry
 
     def _model_input(self, data: bytes, geometry: ImageGeometry):
         return geometry.prepare(decode_image(data, self.settings.max_pixels))
 
-    async def from_upload(self, data: bytes, iterations: int,
-                          is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
-        """Features of an uploaded image file (cache first; otherwise decode, batch, run, cache)."""
-        fid, geometry = await asyncio.to_thread(self._plan, data, iterations)
-        entry = self.cache.get(fid)
-        if entry is not None:
-            return entry
-        key = self.batcher.key((geometry.input_height, geometry.input_width), iterations)
-        self.batcher.expect(key)  # so that a batch about to close waits for this image's decode
+    def _entry(self, embedding: Embedding, iterations: int, features: np.ndarray) -> FeatureEntry:
+        geometry = dataclasses.replace(embedding.geometry, stride=float(self.runtime.stride(iterations)))
+        entry = FeatureEntry(with_iterations(embedding.id, iterations), features, geometry, iterations,
+                             embedding.image_bytes)
+        self.cache.put(entry)
+        self.metrics.cache_bytes.set(self.cache.bytes_used)
+        return entry
+
+    async def _submit(self, batcher: MicroBatcher, payload, iterations: int,
+                      is_gone: Callable[[], Awaitable[bool]] | None):
         try:
-            model_input = await asyncio.to_thread(self._model_input, data, geometry)
-        finally:
-            self.batcher.unexpect(key)
-        try:
-            # No await between unexpect and the enqueue inside submit: the worker never sees a gap.
-            features = await self.batcher.submit(model_input, iterations, is_gone)
+            return await batcher.submit(payload, iterations, is_gone)
         except QueueFullError as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise ServiceError(
@@ -127,16 +157,71 @@ class FeatureService:
             raise ServiceError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
         except ClientGoneError:
             raise ServiceError(499, "client_closed_request", "the client disconnected before inference") from None
-        entry = FeatureEntry(fid, features, geometry, iterations, data)
-        self.cache.put(entry)
-        self.metrics.cache_bytes.set(self.cache.bytes_used)
-        return entry
 
-    def from_id(self, fid: str) -> FeatureEntry:
-        """Cached features by id (404 ``unknown_feature_id`` when unknown or evicted)."""
-        entry = self.cache.get(fid)
+    async def _densify(self, embedding: Embedding, iterations: int,
+                       is_gone: Callable[[], Awaitable[bool]] | None) -> FeatureEntry:
+        """Features at ``iterations`` of a cached embedding: upsampler steps only, no backbone."""
+        if iterations == 0:
+            return self._entry(embedding, 0, embedding.coarse)
+        features = await self._submit(self.upsampler, (embedding.pixels, embedding.coarse), iterations, is_gone)
+        return self._entry(embedding, iterations, features)
+
+    async def from_upload(self, data: bytes, iterations: int,
+                          is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
+        """Features of an uploaded image file: cached features, else the cached embedding plus
+        upsampler steps, else decode, batch, run backbone and upsampler, and cache both."""
+        key, geometry = await asyncio.to_thread(self._plan, data)
+        entry = self.cache.get(with_iterations(key, iterations))
+        if entry is not None:
+            return entry
+        embedding = self.cache.get(key, count=False)
+        if embedding is not None:
+            return await self._densify(embedding, iterations, is_gone)
+        batch_key = self.batcher.key((geometry.input_height, geometry.input_width), iterations)
+        self.batcher.expect(batch_key)  # so that a batch about to close waits for this image's decode
+        try:
+            model_input = await asyncio.to_thread(self._model_input, data, geometry)
+        finally:
+            self.batcher.unexpect(batch_key)
+        # No await between unexpect and the enqueue inside submit: the worker never sees a gap.
+        coarse, features = await self._submit(self.batcher, model_input, iterations, is_gone)
+        embedding = Embedding(key, coarse, model_input, geometry, data)
+        self.cache.put(embedding)
+        return self._entry(embedding, iterations, coarse if iterations == 0 else features)
+
+    def known(self, fid: str) -> FeatureEntry | Embedding:
+        """The cached entry a feature id names (its features, else its image's embedding); 404 if neither."""
+        parsed = parse_feature_id(fid)
+        entry = self.cache.get(fid) if parsed else None
+        if entry is None and parsed:
+            entry = self.cache.get(parsed[0], count=False)
         if entry is None:
             raise ServiceError(404, "unknown_feature_id",
                                f"feature id {fid[:100]!r} is unknown or was evicted from the cache; "
                                "send the image again (the response carries a fresh id)")
         return entry
+
+    def id_iterations(self, fid: str) -> int | None:
+        """The density a feature id was issued for (None if it is not a feature id)."""
+        parsed = parse_feature_id(fid)
+        return parsed[1] if parsed else None
+
+    async def from_id(self, fid: str, iterations: int | None = None,
+                      is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
+        """Features by id: at the id's own density unless ``iterations`` asks for another, which is
+        computed from the cached embedding (upsampler steps only). 404 ``unknown_feature_id`` when
+        neither the features nor the image's embedding is cached."""
+        found = self.known(fid)
+        k = self.id_iterations(fid) if iterations is None else self.iterations(iterations)
+        if isinstance(found, FeatureEntry) and found.iterations == k:
+            return found
+        key = found.id if isinstance(found, Embedding) else parse_feature_id(fid)[0]
+        entry = self.cache.get(with_iterations(key, k), count=False)
+        if entry is not None:
+            return entry
+        embedding = found if isinstance(found, Embedding) else self.cache.get(key, count=False)
+        if embedding is None:
+            raise ServiceError(404, "unknown_feature_id",
+                               f"the image of feature id {fid[:100]!r} was evicted from the cache, so density "
+                               f"{k} cannot be computed from it; send the image again")
+        return await self._densify(embedding, k, is_gone)

@@ -190,26 +190,14 @@ def _pick(upload: Upload, request: Request, file_name: str, id_name: str) -> tup
 
 async def _entry(pipeline: FeatureService, request: Request, data: bytes | None, fid: str | None,
                  iterations: int | None, what: str) -> FeatureEntry:
+    """Features of an upload or a feature id at density ``iterations`` (None: the id's own, or the
+    bundle's default for an upload). An id at another density costs only upsampler steps."""
     if fid:
-        entry = pipeline.from_id(fid)
-        if iterations is not None and iterations != entry.iterations:
-            raise ServiceError(422, "invalid_parameter",
-                               f"iterations={iterations} conflicts with the {what} feature id, computed with "
-                               f"{entry.iterations}; omit iterations or send the image again")
-        return entry
+        return await pipeline.from_id(fid, iterations, request.is_disconnected)
     if not data:
         raise ServiceError(400, "empty_image" if data is not None else "missing_image",
                            f"the {what} image is missing or empty; send it as a multipart file (or its feature id)")
     return await pipeline.from_upload(data, pipeline.iterations(iterations), request.is_disconnected)
-
-
-def _same_iterations(a: FeatureEntry, b: FeatureEntry, name_a: str, name_b: str) -> None:
-    """Descriptors of different LiFT densities come from different graphs: refuse to compare them."""
-    if a.iterations != b.iterations:
-        raise ServiceError(422, "mixed_iterations",
-                           f"the {name_a} features were computed with {a.iterations} LiFT iterations and the "
-                           f"{name_b} features with {b.iterations}; compare features of one density: send "
-                           "both images (or ids from responses with the same iterations)")
 
 
 def _size_text(entry: FeatureEntry) -> tuple[str, str]:
@@ -251,8 +239,8 @@ async def models(state: StateDep, pipeline: PipelineDep):
     manifest = runtime.manifest
     return {
         "model": {
-            "backbone": manifest["backbone"],
-            "lift": manifest["lift"],
+            "backbone": manifest.backbone.model_dump(),
+            "upsampler": manifest.upsampler.model_dump() if manifest.upsampler else None,
             "input_sizes": [{"height": h, "width": w} for h, w in runtime.sizes],
             "channels": runtime.channels,
             "patch_size": runtime.patch_size,
@@ -260,7 +248,7 @@ async def models(state: StateDep, pipeline: PipelineDep):
             "iterations": runtime.iterations,
             "default_iterations": runtime.default_iterations,
             "providers": runtime.active_providers,
-            "parity": manifest.get("parity"),
+            "parity": manifest.parity.model_dump(),
             "resize_policy": settings.resize_policy,
         },
         "demo": bool(runtime.demo),
@@ -411,11 +399,10 @@ async def similarity(
         raise ServiceError(400, "missing_image", "send the source image (multipart 'image' or a raw image body) "
                            "or the feature_id of an earlier response")
     source = await _entry(pipeline, request, data, fid, iterations, "source")
-    k = source.iterations
     target = source
     if target_data is not None or target_fid:
-        target = await _entry(pipeline, request, target_data, target_fid, k if target_fid is None else None, "target")
-        _same_iterations(source, target, "source", "target")
+        # The target is compared at the source's density, whatever density its id was issued for.
+        target = await _entry(pipeline, request, target_data, target_fid, source.iterations, "target")
     try:
         row, col = source.geometry.to_cell(x, y)
     except ValueError as exc:
@@ -485,13 +472,12 @@ async def match(
         if data is None and not fid:
             raise ServiceError(400, "missing_image", f"{name} is missing: send two multipart files 'image_a' and "
                                "'image_b' (or feature_id_a / feature_id_b)")
-    # An uploaded image is computed with the iterations of the other side's feature id unless told.
+    # Both sides at one density: `iterations`, else that of the first feature id sent, else the default.
     k = iterations
     if k is None:
-        k = next((pipeline.from_id(fid).iterations for data, fid in picks if fid and data is None), None)
-    a, b = await asyncio.gather(*(_entry(pipeline, request, data, fid, iterations if fid else k, name)
+        k = next((pipeline.id_iterations(fid) for data, fid in picks if fid and data is None), None)
+    a, b = await asyncio.gather(*(_entry(pipeline, request, data, fid, k, name)
                                   for (data, fid), name in zip(picks, ("image_a", "image_b"), strict=True)))
-    _same_iterations(a, b, "image_a", "image_b")
     (ra, ca), (rb, cb) = a.geometry.content_grid, b.geometry.content_grid
     if ra * ca * rb * cb > MAX_MATCH_PAIRS:
         raise ServiceError(422, "too_many_cells", f"{ra * ca} x {rb * cb} cells are too many to match at once; "

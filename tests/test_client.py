@@ -388,7 +388,7 @@ def test_real_queue_overflow_is_retried(tiny_bundle):
     """The live app's own 429 (queue of one, 0.4 s per batch): without retries some of four concurrent
     requests fail with queue_full and a Retry-After; with retries all four succeed."""
     from lift_serve.service.app import create_app
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.ort_runtime import BundleRuntime
     from lift_serve.service.settings import Settings
 
     runtime = SlowRuntime(BundleRuntime(tiny_bundle, providers=("cpu",)), delay_s=0.4)

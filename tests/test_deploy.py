@@ -435,9 +435,9 @@ def test_export_job_runs_the_real_lift_export_once(export_job, tmp_path, tiny_ba
            "EXPORT_LIFT_ITERATIONS": "1", "EXPORT_PRECISION": "fp32"}
     assert export_job.main(env) == 0  # in a subprocess, as in the container: python -m lift_cli export ...
     manifest = read_manifest(env["EXPORT_BUNDLE_DIR"])
-    assert manifest["lift"]["iterations"] == [1]
-    assert manifest["input"]["sizes"] == [[64, 64]]
-    assert manifest["backbone"]["embed_dim"] == tiny_backbone.embed_dim
+    assert manifest.iterations == [1]
+    assert [list(s) for s in manifest.input.sizes] == [[64, 64]]
+    assert manifest.backbone.embed_dim == tiny_backbone.embed_dim
     capsys.readouterr()
     assert export_job.main(env, runner=lambda args: pytest.fail("exported again")) == 0
     assert "matches the requested configuration" in capsys.readouterr().out

@@ -283,3 +283,17 @@ def test_cli_records_the_protocol(spair_root, tmp_path, tiny_bundle):
         report = json.loads(out.read_text())
         assert report["protocol"] == report["config"]["protocol"] == protocol
         assert report["results"]["overall"]["pairs"] == pairs
+
+
+def test_authors_protocol_keeps_eval_spairs_float32_keypoints():
+    """eval_spair.py scales keypoints as a float32 tensor in place: 90 px on a 320 px side times
+    224/320 is exactly 63.0 there (query column 63), 62.99999999999999 in float64 (column 62)."""
+    import torch
+
+    geometry = PaddedSquare.for_image(320, 240, 224)
+    theirs = torch.tensor([[90.0, 104.0]])  # their preprocess_kps_pad: kps[:, [0, 1]] *= scale; kps[:, 1] += offset_y
+    theirs[:, [0, 1]] *= 224 / max(320, 240)
+    theirs[:, 1] += int((224 - int(np.around(224 * 240 / 320))) / 2)
+    ours = geometry.apply_coords_float32([[90, 104]])
+    np.testing.assert_array_equal(ours, theirs.numpy())
+    assert int(ours[0, 0]) == 63 and int(geometry.apply_coords([[90, 104]])[0, 0]) == 62

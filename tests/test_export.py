@@ -11,12 +11,13 @@ import torch
 from conftest import tiny_spec_dict
 from lift_serve.bundle import sha256_file
 from lift_serve.model.backbone import BackboneSpec
-from lift_serve.model.export import ExportError, _publish, export_bundle, export_demo_bundle, natural_image
+from lift_serve.model.demo import export_demo_bundle
+from lift_serve.model.export import ExportError, _publish, export_bundle, natural_image
 from lift_serve.model.export_cli import parse_iterations, parse_sizes
 from lift_serve.model.extractor import DenseExtractor
 from lift_serve.model.lift import LiFT
 from lift_serve.model.options import OptionError
-from lift_serve.service.runtime import BundleRuntime
+from lift_serve.service.ort_runtime import BundleRuntime
 
 from lift_serve import cli as lift_cli
 
@@ -63,19 +64,30 @@ def test_manifest_records_contract_and_parity(tiny_bundle):
                                  "layout": "NHWC", "color": "RGB", "mean": manifest["input"]["mean"],
                                  "std": manifest["input"]["std"], "multiple": 16}
     assert manifest["output"] == {"name": "features", "channels": 32, "dtype": "float32", "layout": "NCHW"}
-    assert manifest["lift"]["iterations"] == [0, 1] and manifest["lift"]["default_iterations"] == 1
+    assert manifest["format_version"] == 2
+    assert manifest["iterations"] == [0, 1] and manifest["default_iterations"] == 1
     checkpoint = tiny_bundle.parent / "bundle_lift.safetensors"
-    assert manifest["lift"]["checkpoint_format"] == "ours"
-    assert manifest["lift"]["checkpoint_sha256"] == sha256_file(checkpoint)
+    upsampler = manifest["upsampler"]
+    assert (upsampler["kind"], upsampler["parameters"]) == ("lift", {"in_channels": 32, "patch_size": 16})
+    assert (upsampler["chain"], upsampler["scale_per_step"], upsampler["max_steps"]) == (
+        "prepare-once-then-step-k-times", 2, 1)
+    assert upsampler["checkpoint_format"] == "ours"
+    assert upsampler["checkpoint_sha256"] == sha256_file(checkpoint)
     assert manifest["backbone"]["timm_name"] == "vit_tiny_patch16_224"
     assert manifest["backbone"]["model_kwargs"] == tiny_spec_dict()["model_kwargs"]
-    for graph in manifest["graphs"]:
-        assert graph["file"] == f"model_k{graph['iterations']}.onnx"
-        assert graph["stride"] == 16 / 2 ** graph["iterations"]
+    graphs = {"backbone": manifest["backbone"]["graph"], **upsampler["graphs"]}
+    assert {role: g["file"] for role, g in graphs.items()} == {
+        "backbone": "backbone.onnx", "prepare": "upsampler_prepare.onnx", "step": "upsampler_step.onnx"}
+    assert graphs["step"]["inputs"] == ["state", "features"]
+    assert graphs["step"]["outputs"] == ["next_state", "next_features"]
+    for graph in graphs.values():
         assert graph["sha256"] == sha256_file(tiny_bundle / graph["file"])
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted(["manifest.json", *(g["file"] for g in
+                                                                                    graphs.values())])
     cases = manifest["parity"]["cases"]
-    covered = {(c["iterations"], tuple(c["size"]), c["batch"]) for c in cases}
-    assert covered == {(k, s, b) for k in (0, 1) for s in ((64, 64), (64, 96)) for b in (1, 2)}
+    covered = {(c["graph"], c["iterations"], tuple(c["size"]), c["batch"]) for c in cases}
+    assert covered == {(graph, k, s, b) for graph, k in (("backbone", 0), ("upsampler_step", 1), ("chain", 1))
+                       for s in ((64, 64), (64, 96)) for b in (1, 2)}
     assert {kind for c in cases for kind in c["inputs"]} == {"natural", "random"}
     assert manifest["parity"]["min_cosine"] >= 0.9999
     assert manifest["parity"]["min_cosine"] == min(c["min_cosine"] for c in cases)
@@ -96,10 +108,10 @@ def test_export_from_authors_pth_via_cli(tmp_path, tiny_backbone, capsys):
                                                "--sizes", "64x96")])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "model_k1.onnx" in printed and "64x96" in printed
+    assert "upsampler_step.onnx" in printed and "chain k=1" in printed and "64x96" in printed
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["lift"]["checkpoint_format"] == "authors"
-    assert manifest["lift"]["checkpoint_sha256"] == sha256_file(tmp_path / "their.pth")
+    assert manifest["upsampler"]["checkpoint_format"] == "authors"
+    assert manifest["upsampler"]["checkpoint_sha256"] == sha256_file(tmp_path / "their.pth")
     images = natural_image(64, 96, seed=9)[None]
     expected = torch_features(DenseExtractor(tiny_backbone, lift, 1).eval(), images)
     np.testing.assert_allclose(BundleRuntime(out).run(images), expected, atol=1e-4, rtol=1e-4)
@@ -124,15 +136,16 @@ def test_fp16_export_verified_on_cpu(tmp_path, tiny_backbone):
 
 def test_parity_failure_refuses_and_leaves_nothing(tmp_path, tiny_bundle, monkeypatch):
     import lift_serve.model.export
+    import lift_serve.model.parity
 
     # Reuse the fixture's graph instead of exporting again (export itself is covered above); a
     # cosine threshold above 1 cannot be met, so the export must fail and publish nothing.
-    def copy_graph(graph, path, multiple, opset):
-        shutil.copy(tiny_bundle / "model_k0.onnx", path)
+    def copy_graph(graph, output, path, multiple, opset):
+        shutil.copy(tiny_bundle / "backbone.onnx", path)
 
-    monkeypatch.setattr(lift_serve.model.export, "_export_graph", copy_graph)
-    monkeypatch.setitem(lift_serve.model.export.MIN_COSINE, "fp32", 1.5)
-    with pytest.raises(ExportError, match=r"parity check failed for model_k0.onnx \(fp32\) at 64x64.*min cosine"):
+    monkeypatch.setattr(lift_serve.model.export, "export_image_graph", copy_graph)
+    monkeypatch.setitem(lift_serve.model.parity.MIN_COSINE, "fp32", 1.5)
+    with pytest.raises(ExportError, match=r"parity check failed for the backbone graph \(fp32\) at 64x64.*min cosine"):
         export_bundle(tmp_path / "bundle", BackboneSpec.from_dict(tiny_spec_dict()), None,
                       lift_iterations=(0,), sizes=[64])
     assert list(tmp_path.iterdir()) == []
@@ -158,6 +171,7 @@ def test_publish_replaces_a_bundle_but_not_other_directories(tmp_path):
 
 
 def test_demo_bundle_is_reused_when_current(tmp_path, tiny_bundle, monkeypatch):
+    import lift_serve.model.demo
     import lift_serve.model.export
 
     cached = tmp_path / "demo"
@@ -168,15 +182,15 @@ def test_demo_bundle_is_reused_when_current(tmp_path, tiny_bundle, monkeypatch):
     demo_spec = {"name": manifest["backbone"]["timm_name"], "weights": "random", "seed": manifest["backbone"]["seed"],
                  "layer": -1, "facet": "key", "model_kwargs": manifest["backbone"]["model_kwargs"],
                  "channel_layout": manifest["backbone"]["channel_layout"]}
-    monkeypatch.setattr(lift_serve.model.export, "DEMO_SPEC", demo_spec)
-    monkeypatch.setattr(lift_serve.model.export, "DEMO_SIZES", ((64, 64), (64, 96)))
+    monkeypatch.setattr(lift_serve.model.demo, "DEMO_SPEC", demo_spec)
+    monkeypatch.setattr(lift_serve.model.demo, "DEMO_SIZES", ((64, 64), (64, 96)))
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
     monkeypatch.setattr(lift_serve.model.export, "export_modules", no_export)
     assert export_demo_bundle(cached) == cached
-    (cached / "model_k1.onnx").write_bytes(b"truncated")  # a damaged cache is not reused
+    (cached / "upsampler_step.onnx").write_bytes(b"truncated")  # a damaged cache is not reused
     with pytest.raises(AssertionError, match="exported again"):
         export_demo_bundle(cached)
 

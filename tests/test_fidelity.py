@@ -206,7 +206,7 @@ def _export_args(checkpoint, backbone_file, out, *extra):
 
 @pytest.mark.parametrize("which", ["plain", "module_prefix"])
 def test_authors_pth_through_export_and_runtime_beats_bilinear(authors_format_lift, which, capsys):
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.ort_runtime import BundleRuntime
 
     from tests.test_training import make_images
 
@@ -216,7 +216,7 @@ def test_authors_pth_through_export_and_runtime_beats_bilinear(authors_format_li
     assert lift_cli.main(_export_args(checkpoint, backbone_file, out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backbone"]["channel_layout"] == "interleaved"
-    assert manifest["lift"]["checkpoint_format"] == "authors"
+    assert manifest["upsampler"]["checkpoint_format"] == "authors"
     runtime = BundleRuntime(out, providers=("cpu",))
     from PIL import Image
 

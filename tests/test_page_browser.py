@@ -195,12 +195,20 @@ def test_click_a_point_page(server_url, browser, tmp_path):
         _click_and_wait(driver, stage, 0.35, 0.4)
         driver.save_screenshot(shot)
 
-    # Iterations 0: coarser map, same point, still works.
+    # Iterations 0: coarser map, same point, still works, and the image is not sent again: the
+    # feature id serves every density (the server keeps its backbone features).
     from selenium.webdriver.support.ui import Select
 
+    def uploads() -> float:
+        text = httpx.get(f"{server_url}/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith('lift_requests_total{endpoint="/v1/features"'))
+
+    sent = uploads()
     before = _maps(driver)
     Select(driver.find_element("id", "iterations")).select_by_value("0")
     _wait(driver, lambda d: _maps(d) > before, "changing LiFT iterations did not redraw the map")
+    assert uploads() == sent
 
     # A second image: a click on the first shows the map over the second.
     b = _save_png(_picture(96, 128, seed=2), tmp_path / "b.png")

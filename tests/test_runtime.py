@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lift_serve.bundle import sha256_file
-from lift_serve.service.runtime import BundleError, BundleRuntime, read_manifest, resolve_providers
+from lift_serve.bundle import BundleError, read_manifest, sha256_file
+from lift_serve.service.ort_runtime import BundleRuntime, resolve_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,34 +102,64 @@ def test_manifest_not_json(bundle_copy):
         read_manifest(bundle_copy)
 
 
-@pytest.mark.parametrize("section, field", [
-    ("input", "sizes"), ("output", "channels"), ("backbone", "patch_size"), ("onnx", "opset"), ("lift", "iterations"),
+@pytest.mark.parametrize("path", [
+    "input.sizes", "output.channels", "backbone.patch_size", "onnx.opset", "upsampler.max_steps", "iterations",
+    "backbone.graph.sha256", "upsampler.graphs.step",
 ])
-def test_manifest_missing_field(bundle_copy, section, field):
-    edit_manifest(bundle_copy, lambda m: m[section].pop(field))
-    with pytest.raises(BundleError, match=f"lacks field '{section}.{field}'.*lift export"):
+def test_manifest_missing_field(bundle_copy, path):
+    def drop(m):
+        *parents, last = path.split(".")
+        for part in parents:
+            m = m[part]
+        m.pop(last)
+
+    edit_manifest(bundle_copy, drop)
+    with pytest.raises(BundleError, match=f"lacks field '{path}'.*lift export"):
         BundleRuntime(bundle_copy)
 
 
 def test_manifest_wrong_type_and_inconsistency(bundle_copy):
     edit_manifest(bundle_copy, lambda m: m["input"].update(sizes="224"))
-    with pytest.raises(BundleError, match="'input.sizes' must be list, found str"):
+    with pytest.raises(BundleError, match="field 'input.sizes': Input should be a valid list, found str '224'"):
         read_manifest(bundle_copy)
-    edit_manifest(bundle_copy, lambda m: m["input"].update(sizes=[[64, 64]], multiple=16) or m["graphs"][1].update(
-        stride=16.0))
-    with pytest.raises(BundleError, match="stride 16.0 but 1 LiFT rounds on patch 16 give 8.0"):
+    edit_manifest(bundle_copy, lambda m: m["input"].update(sizes=[[64, 64]]) or m.update(iterations=[0, 1, 3]))
+    with pytest.raises(BundleError, match=r"iterations \[0, 1, 3\] exceed upsampler.max_steps 1"):
         read_manifest(bundle_copy)
+    edit_manifest(bundle_copy, lambda m: m.update(iterations=[0, 1], default_iterations=2))
+    with pytest.raises(BundleError, match=r"default_iterations 2 is not among iterations \[0, 1\]"):
+        read_manifest(bundle_copy)
+    edit_manifest(bundle_copy, lambda m: m.update(default_iterations=1) or m["backbone"]["graph"].update(
+        file="../elsewhere.onnx"))
+    with pytest.raises(BundleError, match="field 'backbone.graph.file'"):
+        read_manifest(bundle_copy)
+
+
+def test_format_1_bundle_is_refused_with_the_command_that_remakes_it(bundle_copy):
+    old = {"format_version": 1, "backbone": {"timm_name": "vit_small_patch16_224.dino", "weights": "hub", "seed": 0,
+                                             "layer": -1, "facet": "key", "model_kwargs": {}},
+           "lift": {"iterations": [0, 1], "checkpoint_sha256": "ab" * 32},
+           "input": {"sizes": [[224, 224], [448, 448]]}, "onnx": {"precision": "fp32"}}
+    (bundle_copy / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(BundleError) as caught:
+        BundleRuntime(bundle_copy)
+    message = str(caught.value)
+    assert "format-1 bundle" in message
+    for part in ("lift export --checkpoint", "sha256 abababababab", "--backbone vit_small_patch16_224.dino",
+                 "--backbone-weights hub", "--channel-layout concatenated", "--pos-interpolation timm",
+                 "--lift-iterations 0,1", "--sizes 224x224,448x448", "--precision fp32"):
+        assert part in message, part
 
 
 def test_manifest_input_name_disagrees_with_graph(bundle_copy):
-    edit_manifest(bundle_copy, lambda m: m["input"].update(name="pixels"))
-    with pytest.raises(BundleError, match=r"takes inputs \['image'\], but the manifest says one input 'pixels'"):
+    edit_manifest(bundle_copy, lambda m: m["backbone"]["graph"].update(inputs=["pixels"]))
+    with pytest.raises(BundleError, match=r"takes inputs \['image'\], but the manifest says \['pixels'\]"):
         BundleRuntime(bundle_copy)
 
 
 def test_manifest_output_name_disagrees_with_graph(bundle_copy):
-    edit_manifest(bundle_copy, lambda m: m["output"].update(name="descriptors"))
-    with pytest.raises(BundleError, match=r"has outputs \['features'\], but the manifest names 'descriptors'"):
+    edit_manifest(bundle_copy, lambda m: m["upsampler"]["graphs"]["step"].update(outputs=["state", "descriptors"]))
+    with pytest.raises(BundleError, match=r"has outputs \['next_state', 'next_features'\], but the manifest names "
+                       r"\['state', 'descriptors'\]"):
         BundleRuntime(bundle_copy)
 
 
@@ -150,23 +180,23 @@ def test_manifest_dtype_disagrees_with_graph(bundle_copy):
 
 
 def test_missing_graph_file(bundle_copy):
-    (bundle_copy / "model_k1.onnx").unlink()
-    with pytest.raises(BundleError, match="model_k1.onnx listed in the manifest is missing"):
+    (bundle_copy / "upsampler_step.onnx").unlink()
+    with pytest.raises(BundleError, match="upsampler_step.onnx listed in the manifest is missing"):
         BundleRuntime(bundle_copy)
 
 
 def test_truncated_graph_refused_by_checksum(bundle_copy):
-    path = bundle_copy / "model_k0.onnx"
+    path = bundle_copy / "backbone.onnx"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(BundleError, match="model_k0.onnx has sha256 .* truncated"):
+    with pytest.raises(BundleError, match="backbone.onnx has sha256 .* truncated"):
         BundleRuntime(bundle_copy)
 
 
 def test_truncated_graph_refused_by_onnxruntime_even_with_matching_checksum(bundle_copy):
-    path = bundle_copy / "model_k0.onnx"
+    path = bundle_copy / "backbone.onnx"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    edit_manifest(bundle_copy, lambda m: m["graphs"][0].update(sha256=sha256_file(path)))
-    with pytest.raises(BundleError, match="ONNX Runtime cannot load .*model_k0.onnx"):
+    edit_manifest(bundle_copy, lambda m: m["backbone"]["graph"].update(sha256=sha256_file(path)))
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load .*backbone.onnx"):
         BundleRuntime(bundle_copy)
 
 
@@ -203,7 +233,7 @@ def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, runtime):
         sys.modules["torch"] = None   # any `import torch` now raises ImportError
         sys.modules["timm"] = None
         import numpy as np
-        from lift_serve.service.runtime import BundleRuntime
+        from lift_serve.service.ort_runtime import BundleRuntime
         runtime = BundleRuntime({str(tiny_bundle)!r})
         out = runtime.run(np.load({str(tiny_bundle.parent / "images.npy")!r}), 0)
         np.save({str(tiny_bundle.parent / "out.npy")!r}, out)
@@ -240,13 +270,12 @@ def test_graph_that_cannot_run_a_listed_size_is_refused(bundle_copy):
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["B", 32, 4, 4])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save(model, bundle_copy / "model_k0.onnx")
+    onnx.save(model, bundle_copy / "backbone.onnx")
 
     def only_k0(m):
-        m["graphs"] = [g for g in m["graphs"] if g["iterations"] == 0]
-        m["graphs"][0]["sha256"] = sha256_file(bundle_copy / "model_k0.onnx")
-        m["lift"].update(iterations=[0], default_iterations=0)
+        m["backbone"]["graph"]["sha256"] = sha256_file(bundle_copy / "backbone.onnx")
+        m.update(upsampler=None, iterations=[0], default_iterations=0)
 
     edit_manifest(bundle_copy, only_k0)
-    with pytest.raises(BundleError, match="graph for 0 LiFT iterations cannot run at 64x96"):
+    with pytest.raises(BundleError, match="the backbone graph cannot run at 64x96"):
         BundleRuntime(bundle_copy, providers=["cpu"])

@@ -12,7 +12,7 @@ from service_helpers import blocks, encode, make_app, metric, noise, png_declari
 
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.ort_runtime import BundleRuntime
 
     return BundleRuntime(tiny_bundle, providers="cpu")
 
@@ -257,19 +257,40 @@ def test_matches_on_a_rescaled_copy_map_back_to_each_original(client):
     assert Image.open(io.BytesIO(r.content)).size == (192 + 192, 128)  # side by side at the taller height
 
 
-def test_features_of_different_iterations_are_not_compared(client):
-    data = encode(blocks(64, 64, seed=6))
-    ids = {k: client.post(f"/v1/features?iterations={k}", files={"image": ("a.png", data)}).headers["x-feature-id"]
-           for k in (0, 1)}
-    r = client.post("/v1/similarity?x=5&y=5&format=npy", data={"feature_id": ids[0], "target_id": ids[1]})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "mixed_iterations"
-    r = client.post("/v1/match", data={"feature_id_a": ids[0], "feature_id_b": ids[1]})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "mixed_iterations"
-    # An upload next to an id is computed with the id's iterations: stride 16, cell centres at 8 + 16k.
-    r = client.post("/v1/match", data={"feature_id_a": ids[0]}, files={"image_b": ("b.png", data)})
-    matches = r.json()["matches"]
-    assert r.status_code == 200 and matches and r.headers["x-feature-id-b"] == ids[0]
-    assert all((m["b"][0] - 8) % 16 == 0 and (m["b"][1] - 8) % 16 == 0 for m in matches)
+def test_another_density_of_a_known_image_runs_only_the_upsampler(tiny_bundle, runtime):
+    """A feature id names its image's cached embedding: asking it at another density (or comparing it
+    with an id of another density) costs upsampler steps, never a second backbone pass."""
+    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0)) as client:
+        pipeline = client.app.state.service.features
+        data = encode(blocks(64, 64, seed=6))
+        r0 = client.post("/v1/features?iterations=0", files={"image": ("a.png", data)})
+        coarse = _npy(r0)
+        id0 = r0.headers["x-feature-id"]
+        backbone_runs = pipeline.batcher.images_run
+        assert backbone_runs == 1 and pipeline.upsampler.images_run == 0
+        # density 1 of the same image by id: the upsampler only, and the same numbers as a fresh upload
+        r = client.post("/v1/similarity?x=5&y=5&format=npy&iterations=1", data={"feature_id": id0})
+        assert _npy(r).shape == (8, 8) and r.headers["x-feature-id"] == id0.replace("-k0-", "-k1-")
+        assert (pipeline.batcher.images_run, pipeline.upsampler.images_run) == (backbone_runs, 1)
+        r1 = client.post("/v1/features?iterations=1", files={"image": ("a.png", data)})
+        pixels = pipeline.cache.get(id0.replace("-k0-", "-"), count=False).pixels  # the cached embedding's
+        np.testing.assert_array_equal(_npy(r1), runtime.run(pixels[None], 1)[0])
+        assert (pipeline.batcher.images_run, pipeline.upsampler.images_run) == (backbone_runs, 1)  # cached
+        id1 = r1.headers["x-feature-id"]
+        # ids of two densities: compared at the source's (similarity) or the first id's (match) density
+        r = client.post("/v1/similarity?x=5&y=5&format=npy", data={"feature_id": id0, "target_id": id1})
+        assert _npy(r).shape == coarse.shape[1:] and r.headers["x-target-feature-id"] == id0
+        r = client.post("/v1/match", data={"feature_id_a": id0, "feature_id_b": id1})
+        assert r.status_code == 200 and r.json()["feature_id_b"] == id0
+        assert pipeline.batcher.images_run == backbone_runs
+        # An upload next to an id is computed with the id's iterations: stride 16, cell centres at 8 + 16k.
+        r = client.post("/v1/match", data={"feature_id_a": id0}, files={"image_b": ("b.png", data)})
+        matches = r.json()["matches"]
+        assert r.status_code == 200 and matches and r.headers["x-feature-id-b"] == id0
+        assert all((m["b"][0] - 8) % 16 == 0 and (m["b"][1] - 8) % 16 == 0 for m in matches)
+        # an id whose features and embedding are both unknown is still a 404
+        r = client.post("/v1/similarity?x=5&y=5&iterations=1", data={"feature_id": "0" * 32 + "-k0-sq-64x64"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_feature_id"
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -355,11 +376,11 @@ def test_an_unexpected_failure_is_a_plain_json_500_and_the_server_goes_on(tiny_b
         def __getattr__(self, name):
             return getattr(runtime, name)
 
-        def run(self, images, iterations=None):
+        def embed(self, images):
             if not FailingOnce.failed:
                 FailingOnce.failed = True
                 raise RuntimeError("secret detail at /opt/internal.py line 3")
-            return runtime.run(images, iterations)
+            return runtime.embed(images)
 
     with TestClient(make_app(tiny_bundle, FailingOnce(), max_wait_ms=0), raise_server_exceptions=False) as client:
         while client.get("/readyz").status_code != 200:

@@ -20,7 +20,7 @@ RAW = {"content-type": "image/png"}
 
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.ort_runtime import BundleRuntime
 
     return BundleRuntime(tiny_bundle, providers="cpu")
 

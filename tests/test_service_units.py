@@ -315,7 +315,7 @@ def test_batcher_waits_to_refill_the_previous_batch_size():
 def test_a_cache_budget_below_one_image_is_refused_at_startup(tiny_bundle):
     from lift_serve.service.features import FeatureService
     from lift_serve.service.metrics import ServiceMetrics
-    from lift_serve.service.runtime import BundleRuntime
+    from lift_serve.service.ort_runtime import BundleRuntime
     from lift_serve.service.settings import Settings
 
     runtime = BundleRuntime(tiny_bundle, providers=("cpu",), warmup=False)

@@ -21,7 +21,7 @@ const state = {
   models: null,
   iterations: null, // null = the server's default
   mode: "similarity",
-  images: { a: null, b: null }, // {file, url, width, height, ids: {iterations: featureId}}
+  images: { a: null, b: null }, // {file, url, width, height, id}: one feature id serves every density
   inflight: false,
   loading: 0, // uploads under way
   pending: null, // the latest point asked for while a request was in flight
@@ -221,7 +221,7 @@ async function setImage(slot, file) {
     return;
   }
   const url = URL.createObjectURL(file);
-  const image = { file, url, width: 0, height: 0, ids: {} };
+  const image = { file, url, width: 0, height: 0, id: null };
   const caption = $(`caption-${slot}`);
   const shown = caption.textContent;
   caption.textContent = `${file.name || "image"}: sending…`;
@@ -283,7 +283,8 @@ function standIn(width, height) {
 }
 
 async function register(image) {
-  // Sends the image once; keeps the feature id for the current iteration count.
+  // Sends the image once; its feature id then serves every density (the server keeps the image's
+  // backbone features and runs only the upsampler for another density).
   const body = new FormData();
   body.append("image", image.file, image.file.name || "image");
   const url = `v1/features?${query({ format: "npy", dtype: "float16", iterations: state.iterations })}`;
@@ -293,16 +294,12 @@ async function register(image) {
   if (!id) throw new ApiError(response.status, "no_feature_id", "the server sent no X-Feature-Id header");
   const size = (response.headers.get("X-Image-Size") || "").split("x").map(Number);
   if (size.length === 2 && size.every((v) => v > 0)) [image.width, image.height] = size;
-  image.ids[key()] = id;
+  image.id = id;
   return id;
 }
 
-function key() {
-  return state.iterations === null ? "default" : String(state.iterations);
-}
-
 async function featureId(image) {
-  return image.ids[key()] || register(image);
+  return image.id || register(image);
 }
 
 async function withFreshIds(call) {
@@ -311,7 +308,7 @@ async function withFreshIds(call) {
     return await call();
   } catch (err) {
     if (err.status !== 404 || err.code !== "unknown_feature_id") throw err;
-    for (const image of Object.values(state.images)) if (image) image.ids = {};
+    for (const image of Object.values(state.images)) if (image) image.id = null;
     return call();
   }
 }
@@ -643,7 +640,7 @@ function bindControls() {
     const last = state.lastClick;
     clearMaps();
     if (state.mode === "matches") runMatches();
-    else if (last) requestPoint(last); // same point, new density (sends the image once more)
+    else if (last) requestPoint(last); // same point, new density: the same feature id, no upload
   });
   $("max-matches").addEventListener("input", rematchSoon);
   $("min-score").addEventListener("input", (e) => {
