@@ -279,6 +279,12 @@ class ViTBackbone(nn.Module):
     def from_spec(cls, spec: BackboneSpec) -> ViTBackbone:
         return cls(build_vit(spec), spec)
 
+    @staticmethod
+    def accepts(network: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(network, VisionTransformer)
+
     def train(self, mode: bool = True) -> ViTBackbone:
         # Always frozen: switching the parent module to train mode must not touch the ViT.
         super().train(False)
@@ -412,3 +418,30 @@ def dino_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens = torch.cat([vit.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
     pos_full = torch.cat([pos[:, :1], patch_pos], dim=1)
     return vit.pos_drop(tokens + pos_full)
+
+
+# -- the backbone registry ------------------------------------------------------------------------
+# family -> wrapper class. A family wraps one kind of timm network (``accepts``) and returns
+# ``[B, C, H/P, W/P]`` features of one block and facet. Adding a family (e.g. timm's Eva for DINOv3)
+# is one class with ``accepts(network)`` and ``__init__(network, spec)`` plus one registration.
+BACKBONE_FAMILIES: dict[str, type[nn.Module]] = {}
+
+
+def register_backbone_family(name: str, cls: type[nn.Module]) -> type[nn.Module]:
+    BACKBONE_FAMILIES[name] = cls
+    return cls
+
+
+def build_backbone(spec: BackboneSpec) -> nn.Module:
+    """The frozen backbone ``spec`` describes, wrapped by the family that handles its network."""
+    network = build_vit(spec)
+    for cls in BACKBONE_FAMILIES.values():
+        if cls.accepts(network):
+            return cls(network, spec)
+    raise BackboneError(
+        f"timm's {spec.name!r} is a {type(network).__name__}, which no backbone family handles "
+        f"(registered: {sorted(BACKBONE_FAMILIES)})"
+    )
+
+
+register_backbone_family("vit", ViTBackbone)

@@ -54,6 +54,7 @@ class CheckpointMeta:
     steps: int | None = None
     loss: str | None = None
     sha256: str | None = None
+    upsampler: str = "lift"  # registry kind (model.upsampler); sidecars before it were LiFT
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -152,6 +153,15 @@ def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
     return CheckpointMeta.from_dict(data)
 
 
+def _build(kind: str, channels: int, patch_size: int):
+    from lift_serve.model.upsampler import build_upsampler
+
+    try:
+        return build_upsampler(kind, {"in_channels": channels, "patch_size": patch_size})
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's upsampler cannot be built: {exc}") from None
+
+
 def load_lift_checkpoint(
     path: str | Path, channels: int | None = None, patch_size: int | None = None
 ) -> tuple[LiFT, CheckpointMeta | None]:
@@ -191,7 +201,7 @@ def load_lift_checkpoint(
                 f"cannot read {path} as safetensors ({str(exc)[:200]}); the file is damaged: copy it "
                 "again or re-train"
             ) from None
-        lift = LiFT(meta.channels, meta.patch_size)
+        lift = _build(meta.upsampler, meta.channels, meta.patch_size)
         load_state_dict_checked(lift, strip_module_prefix(state), str(path))
         return lift.eval(), meta
     if channels is None or patch_size is None:

@@ -1,12 +1,14 @@
 """Build a DenseExtractor from a backbone spec and an optional LiFT checkpoint: the one factory
-that training, export and evaluation share, so all three rebuild the same network."""
+that training, export and evaluation share, so all three rebuild the same network. Backbones come
+from the backbone registry (``model.backbone.build_backbone``), upsamplers from the upsampler
+registry (``model.upsampler``, through ``model.checkpoint``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from lift_serve.model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone
+from lift_serve.model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone, build_backbone
 from lift_serve.model.checkpoint import (
     AUTHORS_CHANNEL_LAYOUT,
     CheckpointError,
@@ -56,7 +58,7 @@ def load_backbone_and_lift(
             f"'{lift_layout}' channel layout, but the backbone is set to '{spec.channel_layout}'; its "
             f"input channels would be scrambled. Pass --channel-layout {lift_layout} (or leave it out)."
         )
-    backbone = ViTBackbone.from_spec(spec)
+    backbone = build_backbone(spec)
     lift = None
     if checkpoint is not None:
         lift, meta = load_lift_checkpoint(checkpoint, backbone.embed_dim, backbone.patch_size)

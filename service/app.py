@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from lift_serve.service.errors import error_body, install_error_handlers
 from lift_serve.service.features import FeatureService
 from lift_serve.service.metrics import ServiceMetrics
+from lift_serve.service.predictor import PredictionError
 from lift_serve.service.settings import Settings, get_settings
 from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState
 
@@ -168,7 +169,7 @@ def create_app(settings: Settings | None = None, runtime=None,
     )
     app.state.service = ServiceState(settings, runtime, demo_exporter)
     app.dependency_overrides[get_settings] = lambda: settings
-    install_error_handlers(app)
+    install_error_handlers(app, domain_errors={PredictionError: 422})
     app.include_router(router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

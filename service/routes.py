@@ -19,8 +19,20 @@ from lift_serve.service.cache import FeatureEntry
 from lift_serve.service.codec import decode_image, encode_npy, encode_png
 from lift_serve.service.errors import ServiceError, error_body
 from lift_serve.service.features import FeatureService
-from lift_serve.service.matching import mutual_nearest_neighbors, similarity_map
+from lift_serve.service.predictor import DensePredictor, Matches
 from lift_serve.service.render import heatmap_png_image, match_png_image
+from lift_serve.service.schemas import (
+    FEATURE_HEADERS,
+    MATCH_HEADERS,
+    SIMILARITY_HEADERS,
+    ErrorBody,
+    FeaturesJSON,
+    Health,
+    MatchJSON,
+    Models,
+    Ready,
+    SimilarityJSON,
+)
 from lift_serve.service.settings import Settings, get_settings
 from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState
 from starlette.requests import ClientDisconnect
@@ -28,11 +40,10 @@ from starlette.requests import ClientDisconnect
 router = APIRouter()
 
 NPY = "application/x-npy"
-MAX_MATCH_PAIRS = 64_000_000  # cells_a * cells_b: the similarity matrix is 4 bytes per pair
 MAX_JSON_VALUES = 20_000_000
 
 ERROR_RESPONSES = {
-    status: {"description": text, "content": {"application/json": {
+    status: {"description": text, "model": ErrorBody, "content": {"application/json": {
         "example": error_body(code, "what went wrong and what to do")}}}
     for status, code, text in [
         (400, "empty_body", "empty body, missing image, corrupt image"),
@@ -61,6 +72,13 @@ def ready_pipeline(state: StateDep) -> FeatureService:
 
 
 PipelineDep = Annotated[FeatureService, Depends(ready_pipeline)]
+
+
+def ready_predictor(pipeline: PipelineDep) -> DensePredictor:
+    return DensePredictor(pipeline)
+
+
+PredictorDep = Annotated[DensePredictor, Depends(ready_predictor)]
 
 
 def only_query(*allowed: str):
@@ -188,16 +206,12 @@ def _pick(upload: Upload, request: Request, file_name: str, id_name: str) -> tup
     return data, fid
 
 
-async def _entry(pipeline: FeatureService, request: Request, data: bytes | None, fid: str | None,
+async def _entry(predictor: DensePredictor, request: Request, data: bytes | None, fid: str | None,
                  iterations: int | None, what: str) -> FeatureEntry:
-    """Features of an upload or a feature id at density ``iterations`` (None: the id's own, or the
-    bundle's default for an upload). An id at another density costs only upsampler steps."""
-    if fid:
-        return await pipeline.from_id(fid, iterations, request.is_disconnected)
-    if not data:
+    if not fid and not data:
         raise ServiceError(400, "empty_image" if data is not None else "missing_image",
                            f"the {what} image is missing or empty; send it as a multipart file (or its feature id)")
-    return await pipeline.from_upload(data, pipeline.iterations(iterations), request.is_disconnected)
+    return await predictor.embed(data, fid, iterations, request.is_disconnected)
 
 
 def _size_text(entry: FeatureEntry) -> tuple[str, str]:
@@ -206,13 +220,13 @@ def _size_text(entry: FeatureEntry) -> tuple[str, str]:
 
 
 # -- info -------------------------------------------------------------------------------------------
-@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers", response_model=Health)
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["health"], summary="Readiness: model loaded and warmed (503 until then)",
-            responses={503: ERROR_RESPONSES[503]})
+            response_model=Ready, responses={503: ERROR_RESPONSES[503]})
 async def readyz(state: StateDep):
     state.require_ready()
     return {"status": "ready", "demo": bool(state.runtime.demo)}
@@ -233,7 +247,7 @@ async def index():
 
 
 @router.get("/v1/models", tags=["model"], summary="What is loaded and which request parameters are allowed",
-            dependencies=[only_query()], responses={503: ERROR_RESPONSES[503]})
+            dependencies=[only_query()], response_model=Models, responses={503: ERROR_RESPONSES[503]})
 async def models(state: StateDep, pipeline: PipelineDep):
     runtime, settings = state.runtime, state.settings
     manifest = runtime.manifest
@@ -283,13 +297,16 @@ ITERATIONS_QUERY = Query(None, ge=0, le=8, description="LiFT rounds (each double
         "with `data` nested lists `[C][h][w]`."),
     dependencies=[only_query("format", "dtype", "iterations")],
     openapi_extra=multipart_doc({"image": "an image file; repeat the field for several"}, {}, raw=True),
-    responses={200: {"content": {NPY: {}, "application/json": {}},
+    response_model=None,
+    responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}, "application/json": {}},
+                     "model": FeaturesJSON, "headers": FEATURE_HEADERS,
                      "description": "features as .npy (default) or JSON"}, **ERROR_RESPONSES},
 )
 async def features(
     request: Request,
     settings: SettingsDep,
     pipeline: PipelineDep,
+    predictor: PredictorDep,
     format: Literal["npy", "json"] = Query("npy", description="response encoding", examples=["npy"]),
     dtype: Literal["float32", "float16"] = Query("float32", description="descriptor precision in the response",
                                                    examples=["float16"]),
@@ -304,7 +321,7 @@ async def features(
     # A request's images enter the queue a batch at a time: with all of them at once, a request with more
     # images than LIFT_MAX_QUEUE would be refused (429) by its own back-pressure, on every retry.
     admit = asyncio.Semaphore(max(1, min(settings.effective_batch_size, settings.max_queue)))
-    entries = await asyncio.gather(*(_numbered_entry(pipeline, request, data, k, i, len(images), admit)
+    entries = await asyncio.gather(*(_numbered_entry(predictor, request, data, k, i, len(images), admit)
                                      for i, data in enumerate(images)))
     if format == "json":
         total = sum(e.features.size for e in entries)
@@ -331,12 +348,12 @@ async def features(
     return Response(body, media_type=NPY, headers=headers)
 
 
-async def _numbered_entry(pipeline: FeatureService, request: Request, data: bytes, k: int, index: int,
+async def _numbered_entry(predictor: DensePredictor, request: Request, data: bytes, k: int, index: int,
                           count: int, admit: asyncio.Semaphore) -> FeatureEntry:
     """:func:`_entry` for image ``index`` of ``count`` once ``admit`` lets it in; errors name the image."""
     try:
         async with admit:
-            return await _entry(pipeline, request, data, None, k, "uploaded")
+            return await _entry(predictor, request, data, None, k, "uploaded")
     except ServiceError as exc:
         if count > 1:
             exc.message = f"image {index + 1} of {count} (multipart field 'image' #{index + 1}): {exc.message}"
@@ -370,13 +387,16 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
     openapi_extra=multipart_doc({"image": "source image (or feature_id)", "target": "optional target image"},
                                 {"feature_id": "id from an earlier response instead of `image`",
                                  "target_id": "id instead of `target`"}, raw=True),
-    responses={200: {"content": {"image/png": {}, NPY: {}, "application/json": {}},
+    response_model=None,
+    responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                 NPY: {"schema": {"type": "string", "format": "binary"}}, "application/json": {}},
+                     "model": SimilarityJSON, "headers": SIMILARITY_HEADERS,
                      "description": "heat map PNG (default), .npy map or JSON"}, **ERROR_RESPONSES},
 )
 async def similarity(
     request: Request,
     settings: SettingsDep,
-    pipeline: PipelineDep,
+    predictor: PredictorDep,
     x: float = Query(..., description="point x in the ORIGINAL source image's pixels, 0 <= x < width",
                      examples=[120.5]),
     y: float = Query(..., description="point y in the ORIGINAL source image's pixels, 0 <= y < height",
@@ -398,19 +418,13 @@ async def similarity(
     if data is None and not fid:
         raise ServiceError(400, "missing_image", "send the source image (multipart 'image' or a raw image body) "
                            "or the feature_id of an earlier response")
-    source = await _entry(pipeline, request, data, fid, iterations, "source")
+    source = await _entry(predictor, request, data, fid, iterations, "source")
     target = source
     if target_data is not None or target_fid:
         # The target is compared at the source's density, whatever density its id was issued for.
-        target = await _entry(pipeline, request, target_data, target_fid, source.iterations, "target")
-    try:
-        row, col = source.geometry.to_cell(x, y)
-    except ValueError as exc:
-        raise ServiceError(422, "point_outside_image", str(exc)) from None
-    sim = similarity_map(source.features[:, row, col], target.features, target.cell_norms)
-    np.clip(sim, -1.0, 1.0, out=sim)
-    if target is source:
-        sim[row, col] = 1.0  # the exact value; the normalised dot product may round to 1 - 1e-7
+        target = await _entry(predictor, request, target_data, target_fid, source.iterations, "target")
+    result = predictor.similarity(source, x, y, target)
+    sim, (row, col) = result.map, result.cell
     input_size, image_size = _size_text(target)
     # The map is on the TARGET's grid: these say how that grid lies on the target image (as /v1/features).
     headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"{row},{col}",
@@ -421,7 +435,7 @@ async def similarity(
     if format == "json":
         return JSONResponse({
             "similarity": sim.tolist(), "shape": list(sim.shape),
-            "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(source.geometry.cell_center(row, col))},
+            "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(result.cell_center)},
             "source": source.geometry.describe(), "target": target.geometry.describe(),
             "feature_id": source.id, "target_feature_id": target.id,
         }, headers=headers)
@@ -447,13 +461,17 @@ def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha:
     openapi_extra=multipart_doc({"image_a": "first image", "image_b": "second image"},
                                 {"feature_id_a": "id instead of image_a", "feature_id_b": "id instead of image_b"},
                                 raw=False),
-    responses={200: {"content": {"application/json": {}, "image/png": {}},
+    response_model=None,
+    responses={200: {"content": {"application/json": {},
+                                 "image/png": {"schema": {"type": "string", "format": "binary"}}},
+                     "model": MatchJSON, "headers": MATCH_HEADERS,
                      "description": "matches as JSON (default) or a PNG drawing"}, **ERROR_RESPONSES},
 )
 async def match(
     request: Request,
     settings: SettingsDep,
     pipeline: PipelineDep,
+    predictor: PredictorDep,
     format: Literal["json", "png"] = Query("json", description="response encoding", examples=["json"]),
     max_matches: int = Query(200, ge=1, le=10000, description="keep at most this many (best first)",
                              examples=[100]),
@@ -476,26 +494,18 @@ async def match(
     k = iterations
     if k is None:
         k = next((pipeline.id_iterations(fid) for data, fid in picks if fid and data is None), None)
-    a, b = await asyncio.gather(*(_entry(pipeline, request, data, fid, k, name)
+    a, b = await asyncio.gather(*(_entry(predictor, request, data, fid, k, name)
                                   for (data, fid), name in zip(picks, ("image_a", "image_b"), strict=True)))
-    (ra, ca), (rb, cb) = a.geometry.content_grid, b.geometry.content_grid
-    if ra * ca * rb * cb > MAX_MATCH_PAIRS:
-        raise ServiceError(422, "too_many_cells", f"{ra * ca} x {rb * cb} cells are too many to match at once; "
-                           "use fewer LiFT iterations")
-    # Only cells whose centres lie on the image take part (keep_aspect pads the bottom/right).
-    found = await asyncio.to_thread(mutual_nearest_neighbors, a.features[:, :ra, :ca], b.features[:, :rb, :cb],
-                                    max_matches, min_score)
-    points_a = a.geometry.cell_centers(np.array([m.row_a for m in found]), np.array([m.col_a for m in found]))
-    points_b = b.geometry.cell_centers(np.array([m.row_b for m in found]), np.array([m.col_b for m in found]))
-    scores = np.clip(np.array([m.score for m in found], dtype=np.float64), -1.0, 1.0)  # rounding can exceed 1
+    found: Matches = await asyncio.to_thread(predictor.matches, a, b, max_matches, min_score)
     headers = {"X-Feature-Id-A": a.id, "X-Feature-Id-B": b.id}
     if format == "png":
-        png = await asyncio.to_thread(_match_png, a, b, points_a, points_b, scores, settings.max_pixels)
+        png = await asyncio.to_thread(_match_png, a, b, found.points_a, found.points_b, found.scores,
+                                      settings.max_pixels)
         return Response(png, media_type="image/png", headers=headers)
     return JSONResponse({
         "matches": [{"a": [float(pa[0]), float(pa[1])], "b": [float(pb[0]), float(pb[1])], "score": float(s)}
-                    for pa, pb, s in zip(points_a.reshape(-1, 2), points_b.reshape(-1, 2), scores, strict=True)],
-        "count": len(found),
+                    for pa, pb, s in zip(found.points_a, found.points_b, found.scores, strict=True)],
+        "count": len(found.scores),
         "image_a_size": a.geometry.describe()["image_size"],
         "image_b_size": b.geometry.describe()["image_size"],
         "feature_id_a": a.id, "feature_id_b": b.id,

@@ -59,6 +59,30 @@ def test_health_models_metrics_docs(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_openapi_declares_every_answer_shape_and_header(client):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for name in ("ErrorBody", "FeaturesJSON", "SimilarityJSON", "MatchJSON", "Models", "Health", "Ready"):
+        assert name in components, name
+    ok = {path: schema["paths"][path]["post"]["responses"]["200"] for path in ("/v1/features", "/v1/similarity",
+                                                                               "/v1/match")}
+    assert set(ok["/v1/features"]["headers"]) >= {"X-Feature-Id", "X-Feature-Shape", "X-Feature-Stride",
+                                                   "X-Input-Size", "X-Image-Size"}
+    assert "X-Query-Cell" in ok["/v1/similarity"]["headers"] and "X-Feature-Id-B" in ok["/v1/match"]["headers"]
+    assert ok["/v1/match"]["content"]["application/json"]["schema"]["$ref"].endswith("/MatchJSON")
+    error = schema["paths"]["/v1/match"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]
+    assert error["$ref"].endswith("/ErrorBody")
+    models = schema["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert models["$ref"].endswith("/Models")
+    # the answers themselves have the declared shapes
+    from lift_serve.service.schemas import MatchJSON, Models
+
+    Models.model_validate(client.get("/v1/models").json())
+    data = encode(blocks(64, 64, seed=2))
+    MatchJSON.model_validate(client.post("/v1/match", files={"image_a": ("a.png", data),
+                                                             "image_b": ("b.png", data)}).json())
+
+
 def test_not_ready_until_loaded_and_missing_bundle_message(tiny_bundle, monkeypatch, capsys):
     from fastapi.testclient import TestClient
     from lift_serve.service.app import create_app
