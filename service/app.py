@@ -21,6 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from lift_serve.service.codec import ImageError
 from lift_serve.service.errors import error_body, install_error_handlers
 from lift_serve.service.features import FeatureService
 from lift_serve.service.metrics import ServiceMetrics
@@ -169,7 +170,7 @@ def create_app(settings: Settings | None = None, runtime=None,
     )
     app.state.service = ServiceState(settings, runtime, demo_exporter)
     app.dependency_overrides[get_settings] = lambda: settings
-    install_error_handlers(app, domain_errors={PredictionError: 422})
+    install_error_handlers(app, domain_errors={PredictionError: 422, ImageError: None})
     app.include_router(router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,7 +1,8 @@
 """Bytes <-> arrays: image decoding with safety limits, and NumPy / PNG encoding.
 
 Decoding is synchronous and CPU-bound; the routes call it in a worker thread so the event loop
-stays free. Problems raise :class:`~service.errors.ServiceError` with the status a client should see:
+stays free. Problems raise :class:`ImageError`, a domain error carrying the status a client should see
+(``service.errors`` answers it):
 
 * 400 ``empty_image``: zero bytes;
 * 415 ``not_an_image``: Pillow does not recognise the bytes as any image format;
@@ -24,8 +25,19 @@ import io
 import warnings
 
 import numpy as np
-from lift_serve.service.errors import ServiceError
 from PIL import Image, ImageOps
+
+
+class ImageError(ValueError):
+    """An upload that cannot be used as an image: a domain error carrying the HTTP status it is
+    answered with (400 corrupt or empty, 413 too large, 415 not an image or unsupported mode)
+    and a stable code; ``service.errors`` turns it into the JSON error answer."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
@@ -46,31 +58,31 @@ class ImageHeader:
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
-        raise ServiceError(400, "empty_image", "the image is empty (0 bytes); send the file's contents")
+        raise ImageError(400, "empty_image", "the image is empty (0 bytes); send the file's contents")
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check (Image.MAX_IMAGE_PIXELS) is replaced by the explicit one below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ServiceError(413, "image_too_large", f"the image declares more pixels than the limit of "
+        raise ImageError(413, "image_too_large", f"the image declares more pixels than the limit of "
                            f"{max_pixels}; send a smaller image") from None
     except Exception:
         if data.startswith(_SIGNATURES):
-            raise ServiceError(400, "corrupt_image", "the file starts like an image but its header cannot be read; "
+            raise ImageError(400, "corrupt_image", "the file starts like an image but its header cannot be read; "
                                "it is truncated or damaged — send the complete file") from None
-        raise ServiceError(
+        raise ImageError(
             415, "not_an_image",
             f"the {len(data)} bytes sent are not an image format this server can read "
             "(JPEG, PNG, WebP, TIFF, BMP, GIF ...); send an image file") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ServiceError(
+        raise ImageError(
             413, "image_too_large",
             f"the image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels} "
             "(LIFT_MAX_PIXELS); send a smaller image")
     if width < 1 or height < 1:
-        raise ServiceError(400, "corrupt_image", f"the image declares an empty size {width}x{height}")
+        raise ImageError(400, "corrupt_image", f"the image declares an empty size {width}x{height}")
     return image
 
 
@@ -100,10 +112,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         if _orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
         return to_rgb(image)
-    except ServiceError:
+    except ImageError:
         raise
     except Exception as exc:
-        raise ServiceError(
+        raise ImageError(
             400, "corrupt_image",
             f"the {image.format or 'image'} file could not be decoded ({str(exc)[:120]}); it may be truncated "
             "or damaged — send the complete file") from None
@@ -132,7 +144,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except Exception:
-        raise ServiceError(415, "unsupported_image_mode", f"images in Pillow mode {mode!r} cannot be converted "
+        raise ImageError(415, "unsupported_image_mode", f"images in Pillow mode {mode!r} cannot be converted "
                            "to RGB; send an 8-bit RGB image") from None
 
 

@@ -55,16 +55,16 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI, domain_errors: dict[type[Exception], int] | None = None) -> None:
-    """``domain_errors``: exception classes with ``code`` and ``message`` (e.g. the predictor's) and
-    the HTTP status each is answered with."""
+def install_error_handlers(app: FastAPI, domain_errors: dict[type[Exception], int | None] | None = None) -> None:
+    """``domain_errors``: exception classes with ``code`` and ``message`` (the predictor's, the
+    codec's) and the HTTP status each is answered with (None: the exception's own ``status``)."""
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     for error_class, status in (domain_errors or {}).items():
-        async def _domain_error(_request: Request, exc: Exception, status: int = status):
-            return error_response(status, exc.code, exc.message)
+        async def _domain_error(_request: Request, exc: Exception, status: int | None = status):
+            return error_response(status or exc.status, exc.code, exc.message)
 
         app.add_exception_handler(error_class, _domain_error)
 

@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from lift_serve.service.cache import FeatureEntry
-from lift_serve.service.codec import decode_image, encode_npy, encode_png
+from lift_serve.service.codec import ImageError, decode_image, encode_npy, encode_png
 from lift_serve.service.errors import ServiceError, error_body
 from lift_serve.service.features import FeatureService
 from lift_serve.service.predictor import DensePredictor, Matches
@@ -354,7 +354,7 @@ async def _numbered_entry(predictor: DensePredictor, request: Request, data: byt
     try:
         async with admit:
             return await _entry(predictor, request, data, None, k, "uploaded")
-    except ServiceError as exc:
+    except (ServiceError, ImageError) as exc:
         if count > 1:
             exc.message = f"image {index + 1} of {count} (multipart field 'image' #{index + 1}): {exc.message}"
         raise

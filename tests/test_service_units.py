@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from lift_serve.service.batcher import BatchTimeoutError, MicroBatcher, QueueFullError
 from lift_serve.service.cache import FeatureCache, FeatureEntry
-from lift_serve.service.codec import decode_image, read_header
-from lift_serve.service.errors import ServiceError
+from lift_serve.service.codec import ImageError, decode_image, read_header
 from lift_serve.service.geometry import ImageGeometry, choose_input_size
 from lift_serve.service.settings import Settings
 from PIL import Image
@@ -128,7 +127,7 @@ def test_decode_errors_have_statuses():
         encode(Image.new("RGB", (200, 100))): (413, "image_too_large"),
     }
     for data, (status, code) in cases.items():
-        with pytest.raises(ServiceError) as info:
+        with pytest.raises(ImageError) as info:
             decode_image(data, max_pixels=10_000)
         assert (info.value.status, info.value.code) == (status, code)
 
