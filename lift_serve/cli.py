@@ -17,7 +17,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "export": "lift_serve.model.export_cli",
     "serve": "lift_serve.serve_cli",
     "eval": {
-        "recon": "lift_serve.training.eval_recon_cli",
+        "recon": "lift_serve.bench.recon_cli",
         "spair": "lift_serve.bench.spair_cli",
         "warp": "lift_serve.bench.warp_cli",
         "cka": "lift_serve.bench.cka_cli",

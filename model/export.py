@@ -47,6 +47,7 @@ from lift_serve.model.onnx_graphs import (
     graph_opset,
 )
 from lift_serve.model.parity import MIN_COSINE, TORCH_DTYPES, ChainSessions, measure_parity, natural_image
+from lift_serve.model.publish import publish_directory
 from torch import nn
 
 logger = logging.getLogger("lift.export")
@@ -78,21 +79,6 @@ def _default_iterations(iterations: Sequence[int], wanted: int | None) -> int:
             raise ExportError(f"default iterations {wanted} is not among the exported iterations {list(iterations)}")
         return wanted
     return 1 if 1 in iterations else max(iterations)
-
-
-def _publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place; an existing bundle there is replaced."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()):
-            raise ExportError(
-                f"{out_dir} exists and is not a bundle; choose another --out or remove it first"
-            )
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.replace(old / "bundle")
-        tmp_dir.replace(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp_dir.replace(out_dir)
 
 
 def _graph_entry(path: Path, inputs: list[str], outputs: list[str]) -> dict:
@@ -173,7 +159,7 @@ def export_modules(
                              graph_opset(tmp_dir / BACKBONE_GRAPH))
         validate_manifest(manifest, "generated manifest")
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(tmp_dir, out_dir)
+        publish_directory(tmp_dir, out_dir)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)

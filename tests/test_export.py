@@ -12,11 +12,12 @@ from conftest import tiny_spec_dict
 from lift_serve.bundle import sha256_file
 from lift_serve.model.backbone import BackboneSpec
 from lift_serve.model.demo import export_demo_bundle
-from lift_serve.model.export import ExportError, _publish, export_bundle, natural_image
+from lift_serve.model.export import ExportError, export_bundle, natural_image
 from lift_serve.model.export_cli import parse_iterations, parse_sizes
 from lift_serve.model.extractor import DenseExtractor
 from lift_serve.model.lift import LiFT
 from lift_serve.model.options import OptionError
+from lift_serve.model.publish import publish_directory
 from lift_serve.service.ort_runtime import BundleRuntime
 
 from lift_serve import cli as lift_cli
@@ -158,7 +159,7 @@ def test_publish_replaces_a_bundle_but_not_other_directories(tmp_path):
     new = tmp_path / "new"
     new.mkdir()
     (new / "manifest.json").write_text("new")
-    _publish(new, out)
+    publish_directory(new, out)
     assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     other = tmp_path / "photos"
     other.mkdir()
@@ -166,7 +167,7 @@ def test_publish_replaces_a_bundle_but_not_other_directories(tmp_path):
     again = tmp_path / "again"
     again.mkdir()
     with pytest.raises(ExportError, match="is not a bundle"):
-        _publish(again, other)
+        publish_directory(again, other)
     assert (other / "cat.jpg").exists()
 
 

@@ -1,6 +1,6 @@
 """`lift eval recon`: Eq. 1 reconstruction distance of LiFT versus bilinear and nearest upsampling.
 
-See ``training.recon`` for the exact definitions of each number.
+See ``bench.recon`` for the exact definitions of each number.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
+    from lift_serve.bench.recon import ReconstructionMeter, format_table
     from lift_serve.model.extractor import Preprocessing
     from lift_serve.model.factory import load_backbone_and_lift
     from lift_serve.training.data import ImageFolderDataset, collate_images, scan_image_folder
-    from lift_serve.training.recon import ReconstructionMeter, format_table
     from lift_serve.training.trainer import TrainError, check_imsize_for_patch
 
     scan = scan_image_folder(args.data)  # fail on a bad folder before loading any model

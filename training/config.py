@@ -1,0 +1,98 @@
+"""What ``lift train`` accepts and checks before anything is loaded, and what it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from lift_serve.training.data import RESIZE_MODES
+from lift_serve.training.objective import DOWNSAMPLES, LOSSES
+
+CHECKPOINT_NAME = "lift.safetensors"
+RESUME_NAME = "resume.pt"
+LOG_NAME = "log.jsonl"
+CURVE_NAME = "loss.png"
+PRECISIONS = ("fp32", "bf16", "fp16")
+RESUME_FORMAT = 1
+# Settings that define the training trajectory: a resumed run must use the same ones.
+TRAJECTORY_KEYS = ("backbone", "imsize", "resize", "loss", "downsample", "batch_size", "world_size", "seed",
+                   "augment")
+
+
+class TrainError(ValueError):
+    """Training cannot start as configured; the message says why and what to do."""
+
+    user_facing = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``lift train`` accepts. ``backbone`` is a ``BackboneSpec`` dict."""
+
+    data: str
+    out: str
+    backbone: dict[str, Any]
+    imsize: int = 448
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_steps: int | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    loss: str = "cosine"
+    downsample: str = "stride"
+    resize: str = "squash"
+    augment: bool = False
+    workers: int = 4
+    save_every: int = 1
+    save_every_steps: int = 0
+    resume: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    epochs_completed: int
+    losses: list[float]
+    skipped_files: int
+
+
+def check_config(config: TrainConfig) -> None:
+    """Reject impossible settings before anything is loaded."""
+    if config.imsize < 64 or config.imsize % 32:
+        raise TrainError(
+            f"--imsize {config.imsize} does not work: Eq. 1 also feeds the backbone x/4, whose sides "
+            "must be multiples of the patch size, so --imsize must be a multiple of 4x the patch size "
+            "(64 for patch 16, 32 for patch 8), e.g. 448 (the authors' choice) or 224")
+    for name in ("epochs", "batch_size", "save_every"):
+        if getattr(config, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise TrainError(f"--max-steps must be >= 1, got {config.max_steps}")
+    if not config.lr > 0:
+        raise TrainError(f"--lr must be > 0, got {config.lr}")
+    if config.workers < 0 or config.save_every_steps < 0:
+        raise TrainError("--workers and --save-every-steps must be >= 0")
+    if config.precision not in PRECISIONS:
+        raise TrainError(f"--precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if config.loss not in LOSSES:
+        raise TrainError(f"--loss must be one of {LOSSES}, got {config.loss!r}")
+    if config.downsample not in DOWNSAMPLES:
+        raise TrainError(f"--downsample must be one of {DOWNSAMPLES}, got {config.downsample!r}")
+    if config.resize not in RESIZE_MODES:
+        raise TrainError(f"--resize must be one of {RESIZE_MODES}, got {config.resize!r}")
+
+
+def check_imsize_for_patch(imsize: int, patch_size: int) -> None:
+    if imsize < 4 * patch_size or imsize % (4 * patch_size):
+        lower = max(4 * patch_size, imsize // (4 * patch_size) * 4 * patch_size)
+        raise TrainError(
+            f"--imsize {imsize} does not fit patch size {patch_size}: x/4 must be a whole number of "
+            f"patches, so --imsize must be a multiple of {4 * patch_size} (e.g. {lower} or "
+            f"{lower + 4 * patch_size})")
+
+
