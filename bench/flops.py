@@ -32,13 +32,13 @@ FLOPS_SPEC = {"name": "vit_small_patch16_224", "weights": "random", "seed": 0, "
 def build_meta_modules(spec_dict: dict[str, Any]):
     """(backbone, lift) with parameters on the meta device; weights forced to 'random'."""
     import torch
-    from lift_serve.model.backbone import BackboneSpec, ViTBackbone
-    from lift_serve.model.lift import LiFT
+    from lift_serve.model.backbone import BackboneSpec, build_backbone
+    from lift_serve.model.upsampler import build_upsampler
 
     spec = BackboneSpec.from_dict({**spec_dict, "weights": "random"})
     with torch.device("meta"):
-        backbone = ViTBackbone.from_spec(spec)
-        lift = LiFT(backbone.embed_dim, backbone.patch_size)
+        backbone = build_backbone(spec)
+        lift = build_upsampler("lift", {"in_channels": backbone.embed_dim, "patch_size": backbone.patch_size})
     return backbone, lift
 
 

@@ -23,12 +23,12 @@ converted: a layout is a property of what the LiFT was trained on, recorded besi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from lift_serve.bundle import sha256_file
 from lift_serve.model.lift import LiFT
 from torch import nn
 
@@ -70,14 +70,6 @@ class CheckpointMeta:
         if missing:
             raise CheckpointError(f"checkpoint sidecar lacks fields {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar_path(weights_path: Path) -> Path:

@@ -43,9 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+from lift_serve.model.backbone import BackboneSpec, ViTBackbone, build_backbone
 from lift_serve.model.extractor import Preprocessing
 from lift_serve.model.lift import LiFT
+from lift_serve.model.upsampler import build_upsampler
 from lift_serve.training.config import (
     CHECKPOINT_NAME,
     CURVE_NAME,
@@ -77,11 +78,11 @@ def _autocast(precision: str, device: torch.device):
 def build_models(spec_dict: dict[str, Any], imsize: int, seed: int) -> tuple[ViTBackbone, LiFT]:
     """Frozen backbone and a freshly initialised LiFT (init seeded by ``seed``)."""
     spec = BackboneSpec.from_dict(spec_dict)
-    backbone = ViTBackbone.from_spec(spec)
+    backbone = build_backbone(spec)
     check_imsize_for_patch(imsize, backbone.patch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lift = LiFT(backbone.embed_dim, backbone.patch_size)
+        lift = build_upsampler("lift", {"in_channels": backbone.embed_dim, "patch_size": backbone.patch_size})
     return backbone, lift
 
 
