@@ -379,9 +379,12 @@ class SlowRuntime:
     def __getattr__(self, name):
         return getattr(self._runtime, name)
 
-    def run(self, images, iterations=None):
+    def embed(self, images):  # the backbone pass: what every new image costs
         time.sleep(self._delay_s)
-        return self._runtime.run(images, iterations)
+        return self._runtime.embed(images)
+
+    def run(self, images, iterations=None):
+        return self._runtime.upsample(images, self.embed(images), iterations)
 
 
 def test_real_queue_overflow_is_retried(tiny_bundle):

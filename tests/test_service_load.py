@@ -81,9 +81,12 @@ class _SlowRuntime:
     def __getattr__(self, name):
         return getattr(self._runtime, name)
 
-    def run(self, images, iterations=None):
+    def embed(self, images):  # the backbone pass: what every new image costs
         time.sleep(0.03)
-        return self._runtime.run(images, iterations)
+        return self._runtime.embed(images)
+
+    def run(self, images, iterations=None):
+        return self._runtime.upsample(images, self.embed(images), iterations)
 
 
 def test_one_request_with_more_images_than_the_queue_holds_is_served(tiny_bundle, runtime):
