@@ -194,6 +194,13 @@ def _file(field: str, data: bytes) -> tuple[str, tuple[str, bytes, str]]:
     return (field, (f"{field}.bin", data, "application/octet-stream"))
 
 
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    """``Authorization: Bearer`` for a server started with LIFT_API_KEYS; the key defaults to the
+    ``LIFT_API_KEY`` environment variable. Never logged."""
+    key = api_key if api_key is not None else os.environ.get("LIFT_API_KEY", "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
@@ -438,13 +445,15 @@ class LiftClient:
         max_retry_wait: upper bound in seconds on one wait between retries, whatever Retry-After says.
         reuse_features: remember feature ids per image and send the id instead of the image.
         transport: an httpx transport to use instead of the network (e.g. ``httpx.MockTransport``).
+        api_key: sent as ``Authorization: Bearer`` (default: ``$LIFT_API_KEY``; none if unset).
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 3,
                  max_retry_wait: float = 10.0, reuse_features: bool = True,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, api_key: str | None = None):
         self._core = _Core(base_url, retries, max_retry_wait, reuse_features)
-        self._http = httpx.Client(base_url=self._core.base_url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self._core.base_url, timeout=timeout, transport=transport,
+                                  headers=_auth_headers(api_key))
 
     def __enter__(self) -> LiftClient:
         return self
@@ -568,9 +577,10 @@ class AsyncLiftClient:
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 3,
                  max_retry_wait: float = 10.0, reuse_features: bool = True,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, api_key: str | None = None):
         self._core = _Core(base_url, retries, max_retry_wait, reuse_features)
-        self._http = httpx.AsyncClient(base_url=self._core.base_url, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(base_url=self._core.base_url, timeout=timeout, transport=transport,
+                                       headers=_auth_headers(api_key))
 
     async def __aenter__(self) -> AsyncLiftClient:
         return self

@@ -21,6 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from lift_serve.service.auth import ApiKeyMiddleware
 from lift_serve.service.codec import ImageError
 from lift_serve.service.errors import error_body, install_error_handlers
 from lift_serve.service.features import FeatureService
@@ -55,6 +56,10 @@ def check_settings(settings: Settings) -> None:
     """Fail fast on settings that cannot work (raises ConfigError or the bundle's BundleError)."""
     if settings.bundle is None and not settings.demo:
         raise ConfigError(NO_BUNDLE_MESSAGE)
+    try:
+        settings.api_key_set()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if settings.bundle is not None:
         from lift_serve.service.runtime import read_manifest
 
@@ -167,6 +172,9 @@ def create_app(settings: Settings | None = None, runtime=None,
             "`X-Feature-Id`) that later requests can send instead of the image."
         ),
         lifespan=lifespan,
+        # No trailing-slash redirects: Starlette builds their Location from the Host header, so any
+        # client could make the server redirect to a host of its choosing. /v1/models/ is a 404.
+        redirect_slashes=False,
     )
     app.state.service = ServiceState(settings, runtime, demo_exporter)
     app.dependency_overrides[get_settings] = lambda: settings
@@ -174,6 +182,9 @@ def create_app(settings: Settings | None = None, runtime=None,
     app.include_router(router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    keys = settings.api_key_set()
+    if keys:  # inside CORS (a browser's preflight carries no key), outside the routes
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)

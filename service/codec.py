@@ -39,9 +39,19 @@ class ImageError(ValueError):
         self.code = code
         self.message = message
 
+# The formats Pillow may open, nothing else: Image.open tries only these plugins, so a file in any
+# other format (EPS/PS/PDF, which Pillow renders by starting Ghostscript, among them) is never
+# handed to a decoder and is answered 415 naming these.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
+ACCEPTED_TEXT = "JPEG, PNG, WebP, TIFF, BMP, GIF or PPM"
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
+# Orientation -> the transpose that undoes it (as ImageOps.exif_transpose), applied by one code path
+# for the header's size and the pixels, whatever type the tag was stored as.
+_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 # Leading bytes of common formats: such a file that Pillow cannot open is damaged (400), not a non-image (415).
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM", b"RIFF")
 
@@ -63,7 +73,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow's own bomb check (Image.MAX_IMAGE_PIXELS) is replaced by the explicit one below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageError(413, "image_too_large", f"the image declares more pixels than the limit of "
                            f"{max_pixels}; send a smaller image") from None
@@ -73,8 +83,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
                                "it is truncated or damaged — send the complete file") from None
         raise ImageError(
             415, "not_an_image",
-            f"the {len(data)} bytes sent are not an image format this server can read "
-            "(JPEG, PNG, WebP, TIFF, BMP, GIF ...); send an image file") from None
+            f"the {len(data)} bytes sent are not an image in a format this server accepts ({ACCEPTED_TEXT}); "
+            "send an image file in one of those") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -87,10 +97,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _orientation(image: Image.Image) -> int:
+    """EXIF orientation 1..8, read robustly: stored as a number, an ASCII digit ('6', seen in the
+    wild) or a one-element sequence; anything else or out of range counts as 1 (as stored)."""
     try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "ignore")
+        if isinstance(value, tuple | list) and len(value) == 1:
+            value = value[0]
+        value = int(str(value).strip().strip("\x00")) if isinstance(value, str) else int(value)
     except Exception:  # a malformed EXIF block should not reject an otherwise fine image
         return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def read_header(data: bytes, max_pixels: int) -> ImageHeader:
@@ -109,11 +127,17 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image.seek(0)
         image.load()
-        if _orientation(image) != 1:
-            image = ImageOps.exif_transpose(image)
+        orientation = _orientation(image)
+        if image.format == "TIFF":  # Pillow's TIFF reader orients on load; as read_header assumes
+            image = ImageOps.exif_transpose(image) if orientation != 1 else image
+        elif orientation in _UNDO_ORIENTATION:
+            image = image.transpose(_UNDO_ORIENTATION[orientation])
         return to_rgb(image)
     except ImageError:
         raise
+    except MemoryError:
+        raise ImageError(413, "image_too_large", "the decoded image does not fit in the memory this server has "
+                         "for it; send a smaller image (fewer pixels)") from None
     except Exception as exc:
         raise ImageError(
             400, "corrupt_image",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 from typing import Annotated, Literal
 
 import numpy as np
@@ -81,8 +83,26 @@ def ready_predictor(pipeline: PipelineDep) -> DensePredictor:
 PredictorDep = Annotated[DensePredictor, Depends(ready_predictor)]
 
 
+# Numbers in the query are read strictly, before FastAPI's lenient parsing (which takes "1_0" as 10,
+# " 5 " as 5, "1.0" as an integer and "nan" or "1e999" as floats): plain decimal digits only.
+INTEGER_PARAMETERS = {"iterations", "max_matches"}
+FLOAT_PARAMETERS = {"x", "y", "alpha", "min_score"}
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
+_FLOAT = re.compile(r"-?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][-+]?[0-9]{1,3})?")
+
+
+def _check_number(name: str, value: str) -> None:
+    if name in INTEGER_PARAMETERS and not _INTEGER.fullmatch(value):
+        raise ServiceError(422, "invalid_parameter", f"query parameter {name}={value[:40]!r} must be a whole number "
+                           "written with digits only, e.g. 1")
+    if name in FLOAT_PARAMETERS and not (_FLOAT.fullmatch(value) and math.isfinite(float(value))):
+        raise ServiceError(422, "invalid_parameter", f"query parameter {name}={value[:40]!r} must be a finite number "
+                           "written with digits, e.g. 120.5")
+
+
 def only_query(*allowed: str):
-    """A dependency refusing query parameters outside ``allowed`` (422 naming them)."""
+    """A dependency refusing query parameters outside ``allowed`` (422 naming them), repeated ones,
+    and numbers that are not plain finite decimals."""
     allowed_set = set(allowed)
 
     def check(request: Request) -> None:
@@ -93,6 +113,7 @@ def only_query(*allowed: str):
         for name in request.query_params.keys():
             if len(request.query_params.getlist(name)) > 1:
                 raise ServiceError(422, "invalid_parameter", f"query parameter {name!r} is given more than once")
+            _check_number(name, request.query_params[name])
 
     return Depends(check)
 
@@ -198,8 +219,11 @@ async def read_upload(request: Request, settings: Settings, files: set[str], fie
 
 
 def _pick(upload: Upload, request: Request, file_name: str, id_name: str) -> tuple[bytes | None, str | None]:
-    """An image file or a feature id (form field or query), not both."""
+    """An image file or a feature id (form field or query), not both, and the id in one place only."""
     data = upload.one_file(file_name)
+    if id_name in upload.fields and id_name in request.query_params:
+        raise ServiceError(422, "invalid_parameter", f"{id_name!r} is given both in the query and as a form field; "
+                           "send it once, in either place")
     fid = upload.fields.get(id_name) or request.query_params.get(id_name)
     if data is not None and fid:
         raise ServiceError(422, "invalid_parameter", f"send either a {file_name!r} file or {id_name!r}, not both")

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")
     inter_op_threads: int = Field(0, ge=0)
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = none")
+    api_keys: str = Field("", repr=False, description="comma-separated API keys; set = every /v1 request and "
+                          "/metrics need `Authorization: Bearer KEY` (health, readiness, the page's files stay open)")
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one per line (# comments), "
+                                       "read at start; added to LIFT_API_KEYS")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("bundle", mode="before")
@@ -66,6 +70,18 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def api_key_set(self) -> frozenset[str]:
+        """Every accepted key (empty: authentication off). Raises ValueError for an unreadable file."""
+        keys = {k.strip() for k in self.api_keys.split(",") if k.strip()}
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.expanduser().read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"LIFT_API_KEYS_FILE {self.api_keys_file} cannot be read ({exc.strerror}); "
+                                 "point it at a file of keys, one per line") from None
+            keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+        return frozenset(keys)
 
     @property
     def effective_batch_size(self) -> int:

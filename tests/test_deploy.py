@@ -161,14 +161,14 @@ def test_env_example_documents_every_variable():
         if name not in {"EXPORT_PRECISION", "EXPORT_CHECKPOINT"}:  # compose defaults / the example's choice
             assert documented[name] == default, name
 
-    # The service's settings, with its defaults; those that compose sets or that need torch (the
-    # demo) are explained instead.
+    # The service's settings, with its defaults; those that compose sets, that need torch (the
+    # demo) or that are unset by default (a path) are explained instead.
     from lift_serve.service.settings import Settings
 
     text = (ROOT / ".env.example").read_text()
     for field, info in Settings.model_fields.items():
         name = f"LIFT_{field.upper()}"
-        if field in {"bundle", "host", "port", "demo", "demo_dir"}:
+        if field in {"bundle", "host", "port", "demo", "demo_dir", "api_keys_file"}:
             assert name in text, name
             continue
         assert name in documented, name

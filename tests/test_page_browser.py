@@ -356,3 +356,24 @@ def test_page_waits_for_a_loading_model(tiny_bundle, browser):
         assert app.times == 0
         assert not browser.find_element("id", "error").is_displayed()
         assert "vit_tiny" in browser.find_element("id", "model-info").text
+
+
+def test_page_sends_the_api_key_it_is_given(tiny_bundle, browser, tmp_path):
+    """With LIFT_API_KEYS the page opened as /#key=KEY keeps the key for the tab, drops it from the
+    address bar, and sends it with every API call: the model list loads and a click gets its map."""
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
+
+    app = create_app(Settings(bundle=tiny_bundle, providers="cpu", max_wait_ms=1, api_keys="page-key-1"))
+    with live_server(app) as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        browser.get(url + "/#key=page-key-1")
+        _wait(browser, lambda d: d.find_element("id", "iterations").find_elements("tag name", "option"),
+              "the page did not list the LiFT iterations with its key")
+        assert "key=" not in browser.current_url
+        a = _save_png(_picture(64, 64, seed=3), tmp_path / "a.png")
+        browser.find_element("id", "file-a").send_keys(str(a))
+        stage = browser.find_element("id", "stage-a")
+        _wait(browser, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
+        _click_and_wait(browser, stage, 0.5, 0.5)
+        browser.execute_script("sessionStorage.clear()")

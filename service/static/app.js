@@ -41,14 +41,38 @@ class ApiError extends Error {
 // ---------------------------------------------------------------------------------------------
 // HTTP
 
-async function api(path, options = {}) {
+const KEY_STORE = "lift-api-key";
+
+function apiKey() {
+  // A server started with LIFT_API_KEYS wants `Authorization: Bearer KEY`. The key comes from the
+  // address (`/#key=...`, removed from the address bar at once) or from a prompt after a 401, and
+  // is kept for this tab only (sessionStorage).
+  const match = /(?:^|[#&])key=([^&]+)/.exec(window.location.hash);
+  if (match) {
+    sessionStorage.setItem(KEY_STORE, decodeURIComponent(match[1]));
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+  return sessionStorage.getItem(KEY_STORE) || "";
+}
+
+async function api(path, options = {}, askedForKey = false) {
   let response;
+  const headers = new Headers(options.headers || {});
+  const key = apiKey();
+  if (key) headers.set("Authorization", `Bearer ${key}`);
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, { ...options, headers });
   } catch (err) {
     throw new ApiError(0, "connection_error", `cannot reach the server (${err.message})`);
   }
   if (response.ok) return response;
+  if (response.status === 401 && !askedForKey) {
+    const entered = window.prompt("This server needs an API key (LIFT_API_KEYS). Key:");
+    if (entered && entered.trim()) {
+      sessionStorage.setItem(KEY_STORE, entered.trim());
+      return api(path, options, true);
+    }
+  }
   let code = `http_${response.status}`;
   let message = response.statusText || "request failed";
   const text = await response.text();

@@ -1,0 +1,211 @@
+"""Hostile inputs and strangers: formats that run programs, odd EXIF, lenient parameters, Host-based
+redirects, and optional API keys. Each case here was answered wrongly before (500, a redirect to
+the attacker's host, an external program started, a silently re-read parameter)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+
+import numpy as np
+import pytest
+from lift_serve.service.codec import ImageError, decode_image, read_header
+from PIL import Image
+from service_helpers import blocks, encode, make_app, started_client
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    from lift_serve.service.ort_runtime import BundleRuntime
+
+    return BundleRuntime(tiny_bundle, providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle, runtime):
+    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0)) as c:
+        yield c
+
+
+# -- formats ----------------------------------------------------------------------------------------
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_postscript_never_starts_a_program(tmp_path, monkeypatch):
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for call in (read_header, decode_image):
+        with pytest.raises(ImageError) as info:
+            call(EPS, max_pixels=10_000)
+        assert (info.value.status, info.value.code) == (415, "not_an_image")
+        assert "JPEG, PNG, WebP, TIFF, BMP, GIF or PPM" in info.value.message
+    assert not marker.exists(), "Pillow started the fake Ghostscript"
+
+
+def test_formats_outside_the_allowlist_are_415_naming_the_accepted_ones():
+    buffer = io.BytesIO()
+    Image.new("F", (8, 8)).save(buffer, format="SPIDER")  # a valid file of a format Pillow reads
+    with pytest.raises(ImageError) as info:
+        decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert info.value.status == 415 and "PPM" in info.value.message
+
+
+def test_every_allowed_format_decodes():
+    pixels = blocks(16, 24, seed=3)
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM"):
+        image = decode_image(encode(pixels, fmt), max_pixels=10_000)
+        assert image.size == (24, 16) and image.mode == "RGB", fmt
+
+
+def exif_orientation(field_type: int, value: bytes) -> bytes:
+    """A little-endian EXIF block whose one entry is Orientation (0x0112) of ``field_type``
+    (3 = SHORT as the standard says, 2 = ASCII as some cameras write it) holding ``value``."""
+    import struct
+
+    count = len(value) // 2 if field_type == 3 else len(value)
+    entry = struct.pack("<HHI", 0x0112, field_type, count) + value.ljust(4, b"\x00")
+    return b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + entry + b"\x00" * 4
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("field_type, value", [(3, b"\x06\x00"), (2, b"6\x00"), (2, b"6")])
+def test_exif_orientation_however_stored_gives_consistent_size_and_pixels(fmt, field_type, value):
+    pixels = blocks(16, 24, seed=4)  # 24 wide, 16 tall
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, exif=exif_orientation(field_type, value), quality=100)
+    data = buffer.getvalue()
+    header = read_header(data, max_pixels=10_000)
+    image = decode_image(data, max_pixels=10_000)
+    assert (header.width, header.height) == image.size == (16, 24)  # orientation 6: rotated a quarter turn
+    expected = np.rot90(pixels, k=-1)
+    if fmt == "PNG":
+        np.testing.assert_array_equal(np.asarray(image), expected)
+    else:  # lossy, but the rotation is unmistakable on 8 px blocks
+        assert np.abs(np.asarray(image).astype(int) - expected).mean() < 8
+
+
+def test_exif_orientation_over_http_is_not_a_500(client):
+    buffer = io.BytesIO()
+    Image.fromarray(blocks(64, 96, seed=5)).save(buffer, format="JPEG", exif=exif_orientation(2, b"6\x00"))
+    r = client.post("/v1/features", content=buffer.getvalue(), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.headers["x-image-size"] == "64x96"
+
+
+# -- parameters -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("query, name", [
+    ("x=1_0&y=5", "x"), ("x=%205%20&y=5", "x"), ("x=nan&y=5", "x"), ("x=5&y=inf", "y"), ("x=5&y=1e999", "y"),
+    ("x=5&y=5&iterations=1.0", "iterations"), ("x=5&y=5&iterations=+1", "iterations"),
+    ("x=5&y=5&alpha=0x1", "alpha"),
+])
+def test_numbers_are_read_strictly(client, query, name):
+    data = encode(blocks(64, 64, seed=6))
+    r = client.post(f"/v1/similarity?{query}", files={"image": ("a.png", data)})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_parameter" and name in r.json()["error"]["message"]
+
+
+def test_integer_parameters_refuse_floats(client):
+    data = encode(blocks(64, 64, seed=7))
+    r = client.post("/v1/match?max_matches=1.0", files={"image_a": ("a.png", data), "image_b": ("b.png", data)})
+    assert r.status_code == 422 and "max_matches" in r.json()["error"]["message"]
+    r = client.post("/v1/match?max_matches=10", files={"image_a": ("a.png", data), "image_b": ("b.png", data)})
+    assert r.status_code == 200
+
+
+def test_a_feature_id_in_both_query_and_form_is_a_conflict(client):
+    data = encode(blocks(64, 64, seed=8))
+    fid = client.post("/v1/features", files={"image": ("a.png", data)}).headers["x-feature-id"]
+    r = client.post(f"/v1/similarity?x=5&y=5&feature_id={fid}", data={"feature_id": fid})
+    assert r.status_code == 422
+    message = r.json()["error"]["message"]
+    assert "feature_id" in message and "query" in message and "form" in message
+
+
+# -- redirects --------------------------------------------------------------------------------------
+def test_no_redirect_follows_the_host_header(client):
+    r = client.get("/v1/models/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
+    assert "evil.example" not in r.text
+
+
+# -- API keys ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed(tiny_bundle, runtime, tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text("# team keys\nfile-key-123\n\n")
+    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0, api_keys="env-key-456, other",
+                                 api_keys_file=keys_file)) as c:
+        yield c
+
+
+def test_without_a_key_the_api_is_401_and_health_stays_open(keyed):
+    for method, path in (("get", "/v1/models"), ("post", "/v1/features"), ("get", "/metrics"),
+                         ("post", "/v1/similarity?x=1&y=1")):
+        r = getattr(keyed, method)(path)
+        assert r.status_code == 401, path
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["code"] == "unauthorized" and "Authorization: Bearer" in r.json()["error"]["message"]
+    for path in ("/healthz", "/readyz", "/", "/docs", "/openapi.json"):
+        assert keyed.get(path).status_code == 200, path
+
+
+def test_a_wrong_key_is_401_and_never_echoed(keyed, caplog):
+    for header in ("Bearer wrong-key-789", "Basic file-key-123", "Bearer", "file-key-123"):
+        r = keyed.get("/v1/models", headers={"authorization": header})
+        assert r.status_code == 401, header
+        assert "wrong-key-789" not in r.text and "file-key-123" not in r.text
+    assert "wrong-key-789" not in caplog.text and "file-key-123" not in caplog.text
+
+
+def test_keys_from_the_setting_and_the_file_are_accepted(keyed):
+    data = encode(blocks(64, 64, seed=9))
+    for key in ("env-key-456", "other", "file-key-123"):
+        auth = {"authorization": f"Bearer {key}"}
+        assert keyed.get("/v1/models", headers=auth).status_code == 200
+        assert keyed.post("/v1/features", files={"image": ("a.png", data)}, headers=auth).status_code == 200
+
+
+def test_the_client_sends_its_key(tiny_bundle, runtime, monkeypatch):
+    from lift_serve.client import LiftAPIError, LiftClient
+    from live_server import live_server
+
+    with live_server(make_app(tiny_bundle, runtime, max_wait_ms=0, api_keys="client-key")) as url:
+        image = blocks(64, 64, seed=10)
+        with LiftClient(url, api_key="client-key", retries=0) as client:
+            assert client.features(image).shape == (32, 8, 8)
+        monkeypatch.setenv("LIFT_API_KEY", "client-key")  # the default when api_key is not given
+        with LiftClient(url, retries=0) as client:
+            assert client.models()["model"]["channels"] == 32
+        monkeypatch.delenv("LIFT_API_KEY")
+        with LiftClient(url, retries=0) as client, pytest.raises(LiftAPIError) as info:
+            client.models()
+        assert (info.value.status, info.value.code) == (401, "unauthorized")
+
+
+def test_an_unreadable_keys_file_stops_startup_with_a_message(tiny_bundle, tmp_path, capsys):
+    from lift_serve import cli as lift_cli
+
+    env_before = dict(os.environ)
+    try:
+        os.environ["LIFT_API_KEYS_FILE"] = str(tmp_path / "missing-keys.txt")
+        assert lift_cli.main(["serve", "--bundle", str(tiny_bundle)]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    err = capsys.readouterr().err
+    assert "LIFT_API_KEYS_FILE" in err and "cannot be read" in err and "Traceback" not in err
+
+
+def test_numbers_as_clients_write_them_are_accepted(client):
+    data = encode(blocks(64, 64, seed=11))
+    fid = client.post("/v1/features", files={"image": ("a.png", data)}).headers["x-feature-id"]
+    for query in ("x=5&y=5", "x=5.&y=.5", "x=0.999901533126831&y=1e-05", "x=-0&y=3.5E%2B1", "x=12&y=7&alpha=1"):
+        r = client.post(f"/v1/similarity?{query}&format=npy", data={"feature_id": fid})
+        assert r.status_code in (200, 422), query
+        assert r.status_code == 200 or r.json()["error"]["code"] == "point_outside_image", (query, r.text)
