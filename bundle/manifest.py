@@ -45,6 +45,15 @@ STEP_GRAPH = "upsampler_step.onnx"
 # The chain every upsampler of format 2 follows (the only one so far; a new chain is a new value).
 CHAIN_PREPARE_THEN_STEPS = "prepare-once-then-step-k-times"
 _REEXPORT = "re-export the bundle with `lift export`"
+# Ranges a manifest must stay in, checked before any number is used: a tampered or damaged
+# manifest cannot make the service allocate, loop or wait without bound.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SIZES = 64
+MAX_SIDE = 8192
+MAX_PATCH = 64
+MAX_CHANNELS = 16384
+MAX_STEPS_LIMIT = 8
+MAX_PARITY_CASES = 10_000
 
 
 class BundleError(ValueError):
@@ -53,13 +62,15 @@ class BundleError(ValueError):
     user_facing = True
 
 
-Number = StrictInt | StrictFloat
+Number = Annotated[StrictInt, Field(ge=-(2**63), le=2**63)] | StrictFloat
 Sha256 = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256 of the file")]
-PositiveInt = Annotated[StrictInt, Field(gt=0)]
+PositiveInt = Annotated[StrictInt, Field(gt=0, le=2**31)]
+Side = Annotated[StrictInt, Field(gt=0, le=MAX_SIDE)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused everywhere (mean, std, parity figures ...).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GraphFile(_Strict):
@@ -76,10 +87,10 @@ class BackboneInfo(_Strict):
 
     timm_name: StrictStr
     weights: StrictStr = Field(description="'hub', 'random' or the weights file used at export")
-    seed: StrictInt
-    patch_size: PositiveInt
-    embed_dim: PositiveInt
-    layer: StrictInt
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63)]
+    patch_size: Annotated[StrictInt, Field(gt=0, le=MAX_PATCH)]
+    embed_dim: Annotated[StrictInt, Field(gt=0, le=MAX_CHANNELS)]
+    layer: Annotated[StrictInt, Field(ge=-1024, le=1024)]
     facet: Literal["key", "query", "value", "token"]
     model_kwargs: dict[str, Any]
     channel_layout: Literal["interleaved", "concatenated"]
@@ -101,30 +112,30 @@ class UpsamplerInfo(_Strict):
     checkpoint_format: Literal["ours", "authors"] | None
     chain: Literal["prepare-once-then-step-k-times"]
     scale_per_step: Literal[2]
-    max_steps: PositiveInt
+    max_steps: Annotated[StrictInt, Field(gt=0, le=MAX_STEPS_LIMIT)]
     graphs: UpsamplerGraphs
 
 
 class InputInfo(_Strict):
     name: StrictStr
-    sizes: Annotated[list[tuple[PositiveInt, PositiveInt]], Field(min_length=1, description="[height, width]")]
+    sizes: Annotated[list[tuple[Side, Side]], Field(min_length=1, max_length=MAX_SIZES, description="[height, width]")]
     dtype: Literal["uint8"]
     layout: Literal["NHWC"]
     color: Literal["RGB"]
     mean: tuple[Number, Number, Number]
     std: tuple[Number, Number, Number]
-    multiple: PositiveInt
+    multiple: Annotated[StrictInt, Field(gt=0, le=MAX_PATCH)]
 
 
 class OutputInfo(_Strict):
     name: StrictStr
-    channels: PositiveInt
+    channels: Annotated[StrictInt, Field(gt=0, le=MAX_CHANNELS)]
     dtype: Literal["float32", "float16"]
     layout: Literal["NCHW"]
 
 
 class OnnxInfo(_Strict):
-    opset: StrictInt
+    opset: Annotated[StrictInt, Field(gt=0, le=1000)]
     precision: Literal["fp32", "fp16"]
     exporter: StrictStr
     torch_version: StrictStr
@@ -134,8 +145,8 @@ class ParityCase(_Strict):
     """ONNX Runtime against PyTorch fp32 for one graph or chained density, size and batch."""
 
     graph: Literal["backbone", "upsampler_step", "chain"]
-    iterations: StrictInt
-    size: tuple[PositiveInt, PositiveInt]
+    iterations: Annotated[StrictInt, Field(ge=0, le=MAX_STEPS_LIMIT)]
+    size: tuple[Side, Side]
     batch: PositiveInt
     inputs: list[StrictStr]
     max_abs_err: Number
@@ -150,7 +161,7 @@ class ParityInfo(_Strict):
     min_cosine_required: Number
     max_abs_err: Number | None
     min_cosine: Number | None
-    cases: list[ParityCase]
+    cases: Annotated[list[ParityCase], Field(max_length=MAX_PARITY_CASES)]
 
 
 class Manifest(_Strict):
@@ -161,8 +172,9 @@ class Manifest(_Strict):
     demo: StrictBool = Field(description="an untrained demo bundle: its features are meaningless")
     backbone: BackboneInfo
     upsampler: UpsamplerInfo | None = Field(description="null: backbone features only (iterations [0])")
-    iterations: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
-    default_iterations: StrictInt
+    iterations: Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_STEPS_LIMIT)]],
+                          Field(min_length=1, max_length=MAX_STEPS_LIMIT + 1)]
+    default_iterations: Annotated[StrictInt, Field(ge=0, le=MAX_STEPS_LIMIT)]
     input: InputInfo
     output: OutputInfo
     onnx: OnnxInfo
@@ -268,10 +280,13 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
         raise BundleError(f"{where} must hold a JSON object, found {type(data).__name__}; {_REEXPORT}")
     version = data.get("format_version")
     if version == 1:
+        try:
+            command = format1_reexport_command(data)
+        except Exception:  # a damaged format-1 manifest: the general advice instead of a command
+            command = "lift export --checkpoint LIFT_CHECKPOINT --backbone NAME ... --out NEW_BUNDLE_DIR"
         raise BundleError(
             f"{where} is a format-1 bundle (one fused graph per density); this version reads format "
-            f"{FORMAT_VERSION} (the backbone once, the upsampler on demand). Re-export it: "
-            f"{format1_reexport_command(data)}"
+            f"{FORMAT_VERSION} (the backbone once, the upsampler on demand). Re-export it: {command}"
         )
     if version != FORMAT_VERSION:
         raise BundleError(f"{where} has format_version {version!r}; this runtime reads version {FORMAT_VERSION}; "
@@ -280,6 +295,8 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         raise BundleError(_explain(exc, where)) from None
+    except RecursionError:
+        raise BundleError(f"{where} nests values beyond any manifest; {_REEXPORT}") from None
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
@@ -302,10 +319,15 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path} is missing: {bundle_dir} is not a complete bundle; {_REEXPORT}")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} is {path.stat().st_size} bytes, more than a manifest can be "
+                          f"({MAX_MANIFEST_BYTES}); {_REEXPORT}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); {_REEXPORT}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, arrays nested beyond any use
+        raise BundleError(f"{path} holds a number or a nesting too large for a manifest; {_REEXPORT}") from None
     return validate_manifest(data, str(path))
 
 

@@ -203,7 +203,9 @@ def is_current(bundle: Path, request: dict) -> bool:
         return False
     try:
         saved = json.loads(record.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(saved, dict):  # valid JSON of another shape: not our record, so export again
         return False
     return saved.get("request") == request and saved.get("manifest_sha256") == sha256_file(manifest)
 

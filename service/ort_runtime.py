@@ -144,6 +144,11 @@ class BundleRuntime:
     # -- loading ---------------------------------------------------------------------------
     def _open_session(self, ort, role: str, graph: GraphFile, options, wanted: list[str]):
         path = self.bundle_dir / graph.file
+        if path.is_symlink() or (path.exists() and path.resolve().parent != self.bundle_dir.resolve()):
+            raise BundleError(
+                f"graph file {path} is a link; a bundle's graphs must be plain files inside its directory (their "
+                "sha256 covers what is loaded); copy the files themselves"
+            )
         if not path.is_file():
             raise BundleError(
                 f"graph file {path} listed in the manifest is missing (the {role} graph); copy the whole "

@@ -37,5 +37,7 @@ class ServiceState:
         if self.features is not None:
             return self.features
         if self.load_error:
-            raise ServiceError(503, "model_load_failed", f"the model failed to load: {self.load_error}")
+            # The reason (paths, ONNX Runtime's text) is in the server log, not for clients.
+            raise ServiceError(503, "model_load_failed", "the model failed to load; the server log says why and "
+                               "what to do", {"Retry-After": "30"})
         raise ServiceError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "2"})

@@ -14,6 +14,8 @@ from lift_serve.service.codec import ImageError, decode_image, read_header
 from PIL import Image
 from service_helpers import blocks, encode, make_app, started_client
 
+ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
@@ -209,3 +211,140 @@ def test_numbers_as_clients_write_them_are_accepted(client):
         r = client.post(f"/v1/similarity?{query}&format=npy", data={"feature_id": fid})
         assert r.status_code in (200, 422), query
         assert r.status_code == 200 or r.json()["error"]["code"] == "point_outside_image", (query, r.text)
+
+
+# -- tampered bundles -------------------------------------------------------------------------------
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_bundle, tmp_path / "bundle")
+
+
+def _rewrite(bundle, change=None, text=None):
+    import json
+
+    path = bundle / "manifest.json"
+    if text is None:
+        data = json.loads(path.read_text())
+        change(data)
+        text = json.dumps(data)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m["backbone"].update(patch_size=0), "backbone.patch_size"),
+    (lambda m: m["input"].update(multiple=0), "input.multiple"),
+    (lambda m: m.update(iterations=[-1, 0, 1]), "iterations"),
+    (lambda m: m.update(default_iterations=-3), "default_iterations"),
+    (lambda m: m["input"].update(sizes=[[16, 65536]]), "input.sizes"),
+    (lambda m: m["input"].update(sizes=[[64, 64]] * 10_000), "input.sizes"),
+    (lambda m: m["upsampler"].update(max_steps=10**9), "upsampler.max_steps"),
+    (lambda m: m["output"].update(channels=2**40), "output.channels"),
+])
+def test_out_of_range_numbers_are_refused_by_name(bundle_copy, change, field):
+    from lift_serve.bundle import BundleError, read_manifest
+
+    _rewrite(bundle_copy, change)
+    with pytest.raises(BundleError, match=f"field '{field}"):
+        read_manifest(bundle_copy)
+
+
+@pytest.mark.parametrize("text", [
+    '{"format_version": 2, "input": {"mean": [NaN, 0.5, 0.5]}}',
+    '{"format_version": 2, "backbone": {"seed": ' + "9" * 5000 + "}}",
+    '{"format_version": 2, "created": ' + "[" * 200_000 + "]" * 200_000 + "}",
+    '{"format_version": 1, "lift": 7, "input": {"sizes": "x"}}',
+    "[" * 200_000 + "]" * 200_000,
+])
+def test_hostile_manifests_are_a_bundle_error_not_a_traceback(bundle_copy, text):
+    from lift_serve.bundle import BundleError, read_manifest
+
+    _rewrite(bundle_copy, text=text)
+    with pytest.raises(BundleError):
+        read_manifest(bundle_copy)
+
+
+def test_a_manifest_beyond_the_size_cap_is_refused_unread(bundle_copy):
+    from lift_serve.bundle import BundleError, read_manifest
+    from lift_serve.bundle.manifest import MAX_MANIFEST_BYTES
+
+    _rewrite(bundle_copy, text=" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(BundleError, match="more than a manifest can be"):
+        read_manifest(bundle_copy)
+
+
+def test_a_graph_linked_from_outside_the_bundle_is_refused(bundle_copy, tmp_path):
+    from lift_serve.bundle import BundleError
+    from lift_serve.service.ort_runtime import BundleRuntime
+
+    outside = tmp_path / "elsewhere.onnx"
+    (bundle_copy / "backbone.onnx").rename(outside)
+    (bundle_copy / "backbone.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="is a link"):
+        BundleRuntime(bundle_copy, providers=["cpu"], warmup=False)
+
+
+def test_a_failed_load_tells_clients_nothing_about_paths(bundle_copy, caplog):
+    from fastapi.testclient import TestClient
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
+
+    (bundle_copy / "upsampler_step.onnx").write_bytes(b"not a graph")
+    app = create_app(Settings(bundle=bundle_copy, providers="cpu"))
+    app.state.service.on_load_failure = lambda: None
+    with TestClient(app) as c:
+        import time
+
+        for _ in range(200):
+            r = c.get("/readyz")
+            if r.json()["error"]["code"] == "model_load_failed":
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert str(bundle_copy) not in r.text and "sha256" not in r.text
+        assert str(bundle_copy) in caplog.text  # the operator still learns which file
+
+
+def test_export_job_ignores_a_record_of_another_shape(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("export_job", ROOT_DIR / "docker" / "export_job.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    bundle = tmp_path / "model"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    for record in ("[]", "7", '"text"', "null"):
+        job.record_path(bundle).write_text(record)
+        assert job.is_current(bundle, {"a": 1}) is False
+    job.record_path(bundle).write_text(json.dumps({"request": {"a": 1}, "manifest_sha256": "0"}))
+    assert job.is_current(bundle, {"a": 1}) is False
+
+
+def test_healthcheck_never_uses_a_proxy():
+    """A ready service on 127.0.0.1 is healthy even when HTTP_PROXY points at nothing."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"PATH": os.environ["PATH"], "LIFT_PORT": str(server.server_address[1]),
+               "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+        done = subprocess.run([sys.executable, str(ROOT_DIR / "docker" / "healthcheck.py")], env=env,
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
