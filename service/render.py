@@ -35,13 +35,29 @@ def colourize(values: np.ndarray) -> np.ndarray:
 _PALETTE = _palette()  # 256 RGB entries of the ramp, for palette PNGs
 
 
+# Drawings never exceed these, whatever the images' sizes and aspect ratios: a heat map at the
+# original size up to MAX_DRAWING_PIXELS (beyond, scaled down to fit), a match drawing at most
+# MAX_DRAWING_SIDE wide and high.
+MAX_DRAWING_PIXELS = 16_000_000
+MAX_DRAWING_SIDE = 4096
+
+
+def drawing_size(width: int, height: int) -> tuple[int, int]:
+    """``(width, height)`` of a drawing of an image: its own size, scaled down to MAX_DRAWING_PIXELS
+    and MAX_DRAWING_SIDE (aspect ratio kept, each side at least 1)."""
+    scale = min(1.0, (MAX_DRAWING_PIXELS / (width * height)) ** 0.5, MAX_DRAWING_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def map_to_image(sim: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
-    """Resample a ``[grid_height, grid_width]`` cell map onto the original image: ``[height, width]`` float32.
+    """Resample a ``[grid_height, grid_width]`` cell map onto the original image (its drawing size,
+    :func:`drawing_size`): ``[height, width]`` float32.
 
     Bilinear between cell centres; the part of the grid under padding (``keep_aspect``) is cropped.
     """
     grid = Image.fromarray(np.ascontiguousarray(sim, dtype=np.float32), mode="F")
-    resized = grid.resize((geometry.width, geometry.height), Image.Resampling.BILINEAR, box=geometry.content_box)
+    resized = grid.resize(drawing_size(geometry.width, geometry.height), Image.Resampling.BILINEAR,
+                          box=geometry.content_box)
     return np.asarray(resized, dtype=np.float32)
 
 
@@ -60,10 +76,12 @@ def heatmap_png_image(sim: np.ndarray, geometry: ImageGeometry, image: Image.Ima
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     levels = np.clip(np.rint((full - lo) * scale), 0, 255).astype(np.uint8) if scale else np.full(full.shape, 255,
                                                                                                    np.uint8)
-    heat = Image.frombytes("P", (geometry.width, geometry.height), levels.tobytes())
+    heat = Image.frombytes("P", (full.shape[1], full.shape[0]), levels.tobytes())
     heat.putpalette(_PALETTE)
     if image is None:
         return heat
+    if image.size != heat.size:
+        image = image.resize(heat.size, Image.Resampling.BILINEAR)
     return Image.blend(image.convert("RGB"), heat.convert("RGB"), alpha)
 
 
@@ -76,8 +94,18 @@ def match_png_image(image_a: Image.Image, image_b: Image.Image, points_a: np.nda
         scores: ``[N]`` cosine similarities; line colour goes from blue (lowest) to yellow (highest).
     """
     height = max(16, min(height, max(image_a.height, image_b.height)))
+    # Very wide images (a 1,000,000 x 1 strip) would make a canvas of gigapixels: shrink the common
+    # height until the side-by-side width fits MAX_DRAWING_SIDE.
+    total = image_a.width * height / image_a.height + image_b.width * height / image_b.height
+    if total > MAX_DRAWING_SIDE:
+        height = max(1, int(height * MAX_DRAWING_SIDE / total))
     scale_a, scale_b = height / image_a.height, height / image_b.height
     wa, wb = max(1, round(image_a.width * scale_a)), max(1, round(image_b.width * scale_b))
+    if wa + wb > MAX_DRAWING_SIDE:  # rounding, or a side already at its 1-pixel minimum
+        if wa >= wb:
+            wa = max(1, MAX_DRAWING_SIDE - wb)
+        else:
+            wb = max(1, MAX_DRAWING_SIDE - wa)
     canvas = Image.new("RGB", (wa + wb, height))
     canvas.paste(image_a.convert("RGB").resize((wa, height), Image.Resampling.BILINEAR), (0, 0))
     canvas.paste(image_b.convert("RGB").resize((wb, height), Image.Resampling.BILINEAR), (wa, 0))

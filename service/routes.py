@@ -185,8 +185,12 @@ async def read_upload(request: Request, settings: Settings, files: set[str], fie
     # A feature id alone arrives as an url-encoded form (what HTTP clients send for fields without files).
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
-            form = await request.form(max_files=256, max_fields=64)
+            form = await request.form(max_files=settings.max_images_per_request + 2, max_fields=64)
         except Exception as exc:
+            if "too many files" in str(exc).lower():
+                raise ServiceError(413, "too_many_images", "more files in one request than "
+                                   f"LIFT_MAX_IMAGES_PER_REQUEST={settings.max_images_per_request} allows; "
+                                   "send them in several requests") from None
             raise ServiceError(400, "bad_multipart",
                                f"the multipart body could not be parsed: {str(exc)[:200]}") from None
         out_files: dict[str, list[bytes]] = {}
@@ -341,12 +345,21 @@ async def features(
     if not images:
         raise ServiceError(400, "empty_body", "no image was sent: use multipart field 'image' (repeatable) "
                            "or a raw image/* body, e.g. curl -F image=@photo.jpg")
+    if len(images) > settings.max_images_per_request:
+        raise ServiceError(413, "too_many_images", f"{len(images)} images in one request, more than "
+                           f"LIFT_MAX_IMAGES_PER_REQUEST={settings.max_images_per_request}; "
+                           "send them in several requests")
     k = pipeline.iterations(iterations)
     # A request's images enter the queue a batch at a time: with all of them at once, a request with more
     # images than LIFT_MAX_QUEUE would be refused (429) by its own back-pressure, on every retry.
     admit = asyncio.Semaphore(max(1, min(settings.effective_batch_size, settings.max_queue)))
     entries = await asyncio.gather(*(_numbered_entry(predictor, request, data, k, i, len(images), admit)
                                      for i, data in enumerate(images)))
+    answer_bytes = sum(e.features.size for e in entries) * np.dtype(dtype).itemsize
+    if answer_bytes > settings.max_response_bytes:
+        raise ServiceError(422, "response_too_large",
+                           f"the features would take {answer_bytes} bytes, more than LIFT_MAX_RESPONSE_BYTES="
+                           f"{settings.max_response_bytes}; ask for dtype=float16, fewer iterations or fewer images")
     if format == "json":
         total = sum(e.features.size for e in entries)
         if total > MAX_JSON_VALUES:

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(256 * MIB, ge=0, description="feature cache budget in bytes (0 = no cache)")
     max_upload_bytes: int = Field(20 * MIB, ge=1, description="largest request body in bytes (413)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413)")
+    max_images_per_request: int = Field(64, ge=1, le=1024, description="most images one /v1/features request "
+                                        "may carry (413)")
+    max_response_bytes: int = Field(256 * MIB, ge=1, description="largest answer body, e.g. the .npy of many "
+                                    "images (422 naming the limit)")
     resize_policy: Literal["square", "keep_aspect"] = "square"
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")

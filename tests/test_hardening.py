@@ -348,3 +348,34 @@ def test_healthcheck_never_uses_a_proxy():
     finally:
         server.shutdown()
     assert done.returncode == 0, done.stderr
+
+
+# -- bounded answers --------------------------------------------------------------------------------
+def test_images_per_request_and_answer_size_are_capped(tiny_bundle, runtime):
+    data = encode(blocks(64, 64, seed=12))
+    app = make_app(tiny_bundle, runtime, max_wait_ms=0, max_images_per_request=3, max_response_bytes=20_000)
+    with started_client(app) as c:
+        for count in (4, 40):
+            r = c.post("/v1/features", files=[("image", (f"{i}.png", data)) for i in range(count)])
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_images", count
+        # one image at density 1 is 32 x 8 x 8 float32 = 8,192 bytes; three are 24,576 > 20,000
+        r = c.post("/v1/features", files=[("image", (f"{i}.png", data)) for i in range(3)])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "response_too_large"
+        assert "LIFT_MAX_RESPONSE_BYTES=20000" in r.json()["error"]["message"]
+        r = c.post("/v1/features?dtype=float16", files=[("image", (f"{i}.png", data)) for i in range(3)])
+        assert r.status_code == 200
+
+
+def test_drawings_stay_small_whatever_the_aspect(client):
+    from lift_serve.service.render import MAX_DRAWING_SIDE
+
+    strip = encode(np.full((1, 100_000, 3), 90, np.uint8))
+    square = encode(blocks(64, 64, seed=13))
+    r = client.post("/v1/match?format=png", files={"image_a": ("a.png", strip), "image_b": ("b.png", square)})
+    assert r.status_code == 200, r.text
+    width, height = Image.open(io.BytesIO(r.content)).size
+    assert width <= MAX_DRAWING_SIDE and height <= MAX_DRAWING_SIDE
+    big = encode(np.full((4100, 4200, 3), 200, np.uint8))
+    r = client.post("/v1/similarity?x=10&y=10&overlay=true", files={"image": ("big.png", big)})
+    assert r.status_code == 200, r.text
+    assert max(Image.open(io.BytesIO(r.content)).size) <= MAX_DRAWING_SIDE
