@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings(settings)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           access_log=settings.log_level == "debug"))
+                                           access_log=settings.log_level == "debug", **settings.uvicorn_options()))
     state = app.state.service
     # The graphs load after the server starts (so /healthz answers meanwhile); a bundle that cannot
     # load (missing or corrupt graph) stops the command rather than leaving a server that only says 503.

@@ -44,6 +44,11 @@ class ImageError(ValueError):
 # handed to a decoder and is answered 415 naming these.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
 ACCEPTED_TEXT = "JPEG, PNG, WebP, TIFF, BMP, GIF or PPM"
+# A progressive JPEG is decoded once per scan: 2,000 scans in 330 KB took 83 s. Ordinary encoders
+# write 1 (baseline) to about 12 (progressive); each SOS marker (FF DA) starts one, and entropy-coded
+# data cannot contain FF DA (an FF byte there is stuffed with 00), so counting them is exact, up to
+# an embedded EXIF thumbnail's own scans.
+MAX_JPEG_SCANS = 64
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
@@ -85,6 +90,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             415, "not_an_image",
             f"the {len(data)} bytes sent are not an image in a format this server accepts ({ACCEPTED_TEXT}); "
             "send an image file in one of those") from None
+    if image.format == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise ImageError(413, "too_many_scans",
+                         f"the JPEG has {data.count(bytes([0xFF, 0xDA]))} scans, more than {MAX_JPEG_SCANS} (ordinary "
+                         "files have 1 to about 12); each scan is a full decoding pass: re-save it as a baseline JPEG")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(

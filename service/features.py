@@ -35,6 +35,7 @@ from lift_serve.service.cache import (
     with_iterations,
 )
 from lift_serve.service.codec import decode_image, read_header
+from lift_serve.service.decode_gate import DecodeGate
 from lift_serve.service.errors import ServiceError
 from lift_serve.service.geometry import ImageGeometry
 from lift_serve.service.metrics import ServiceMetrics
@@ -67,6 +68,8 @@ class FeatureService:
                                         on_depth=metrics.queue_depth.set),
                        executor=self._executor)
         self.batcher = MicroBatcher(self._embed_and_upsample, **options)
+        self.decodes = DecodeGate(settings.decode_concurrency, settings.decode_pixel_budget,
+                                  settings.request_timeout_s)
         self.upsampler = MicroBatcher(self._upsample, **options)
 
     def start(self) -> None:
@@ -180,7 +183,8 @@ class FeatureService:
         batch_key = self.batcher.key((geometry.input_height, geometry.input_width), iterations)
         self.batcher.expect(batch_key)  # so that a batch about to close waits for this image's decode
         try:
-            model_input = await asyncio.to_thread(self._model_input, data, geometry)
+            async with self.decodes.admit(geometry.width * geometry.height):
+                model_input = await asyncio.to_thread(self._model_input, data, geometry)
         finally:
             self.batcher.unexpect(batch_key)
         # No await between unexpect and the enqueue inside submit: the worker never sees a gap.

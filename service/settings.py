@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(256 * MIB, ge=0, description="feature cache budget in bytes (0 = no cache)")
     max_upload_bytes: int = Field(20 * MIB, ge=1, description="largest request body in bytes (413)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413)")
+    decode_concurrency: int = Field(2, ge=1, le=64, description="image decodes running at once; more wait")
+    decode_pixel_budget: int = Field(120_000_000, ge=1, description="decoded pixels of all uploads being decoded "
+                                     "or waiting; beyond it 503 + Retry-After")
     max_images_per_request: int = Field(64, ge=1, le=1024, description="most images one /v1/features request "
                                         "may carry (413)")
     max_response_bytes: int = Field(256 * MIB, ge=1, description="largest answer body, e.g. the .npy of many "
@@ -44,6 +47,13 @@ class Settings(BaseSettings):
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")
     inter_op_threads: int = Field(0, ge=0)
+    max_header_bytes: int = Field(65536, ge=1024, le=1 << 20, description="largest request head (line + "
+                                  "headers); beyond it the connection is refused")
+    max_connections: int = Field(512, ge=1, description="connections and requests at once; beyond it new "
+                                 "ones get 503 (keeps file descriptors for everyone else)")
+    keep_alive_s: float = Field(5.0, gt=0, le=600, description="idle keep-alive connections are closed after this")
+    graceful_shutdown_s: float = Field(20.0, gt=0, le=600, description="on SIGTERM, time for running requests "
+                                       "before the process exits (below compose's 30 s grace period)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = none")
     api_keys: str = Field("", repr=False, description="comma-separated API keys; set = every /v1 request and "
                           "/metrics need `Authorization: Bearer KEY` (health, readiness, the page's files stay open)")
@@ -74,6 +84,13 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def uvicorn_options(self) -> dict:
+        """The server limits as uvicorn's settings. h11 is used because it enforces the header size
+        limit (httptools accepts a head of any size)."""
+        return {"http": "h11", "h11_max_incomplete_event_size": self.max_header_bytes,
+                "limit_concurrency": self.max_connections, "timeout_keep_alive": self.keep_alive_s,
+                "timeout_graceful_shutdown": self.graceful_shutdown_s}
 
     def api_key_set(self) -> frozenset[str]:
         """Every accepted key (empty: authentication off). Raises ValueError for an unreadable file."""

@@ -16,15 +16,17 @@ import httpx
 
 
 @contextlib.contextmanager
-def live_server(app, ready_path: str = "/readyz", timeout_s: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` (an ASGI app) on 127.0.0.1:<free port>; yields its base URL."""
+def live_server(app, ready_path: str = "/readyz", timeout_s: float = 30.0, **uvicorn_options) -> Iterator[str]:
+    """Serve ``app`` (an ASGI app) on 127.0.0.1:<free port>; yields its base URL. ``uvicorn_options``
+    go to ``uvicorn.Config`` (e.g. ``Settings().uvicorn_options()``, as ``lift serve`` passes them)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    options = {"timeout_graceful_shutdown": 2, **uvicorn_options}
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

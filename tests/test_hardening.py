@@ -379,3 +379,93 @@ def test_drawings_stay_small_whatever_the_aspect(client):
     r = client.post("/v1/similarity?x=10&y=10&overlay=true", files={"image": ("big.png", big)})
     assert r.status_code == 200, r.text
     assert max(Image.open(io.BytesIO(r.content)).size) <= MAX_DRAWING_SIDE
+
+
+# -- decoding that cannot starve the server ---------------------------------------------------------
+def _jpeg_with_markers(count: int) -> bytes:
+    """A valid small JPEG plus a comment segment holding ``count`` SOS markers (FF DA): what the scan
+    count check reads, standing in for a progressive file of that many scans."""
+    import struct
+
+    data = encode(blocks(32, 32, seed=14), "JPEG")
+    comment = b"\xff\xda" * count
+    segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
+    return data[:2] + segment + data[2:]
+
+
+def test_jpegs_with_too_many_scans_are_refused_before_decoding():
+    from lift_serve.service.codec import MAX_JPEG_SCANS
+
+    assert decode_image(_jpeg_with_markers(10), max_pixels=10_000).size == (32, 32)
+    for call in (read_header, decode_image):
+        with pytest.raises(ImageError) as info:
+            call(_jpeg_with_markers(2000), max_pixels=10_000)
+        assert (info.value.status, info.value.code) == (413, "too_many_scans")
+        assert str(MAX_JPEG_SCANS) in info.value.message
+
+
+def test_real_progressive_jpegs_pass_the_scan_limit():
+    buffer = io.BytesIO()
+    Image.fromarray(blocks(64, 64, seed=15)).save(buffer, format="JPEG", progressive=True, quality=90)
+    assert 1 < buffer.getvalue().count(b"\xff\xda") <= 64
+    assert decode_image(buffer.getvalue(), max_pixels=10_000).size == (64, 64)
+
+
+def test_decode_gate_bounds_pixels_in_flight_and_concurrency():
+    import asyncio
+
+    from lift_serve.service.decode_gate import DecodeGate
+    from lift_serve.service.errors import ServiceError
+
+    async def scenario():
+        gate = DecodeGate(concurrency=1, pixel_budget=1000, wait_s=0.05)
+        async with gate.admit(600):
+            with pytest.raises(ServiceError) as over_budget:
+                async with gate.admit(600):
+                    pass
+            with pytest.raises(ServiceError) as no_slot:
+                async with gate.admit(100):
+                    pass
+        assert gate.pixels_in_flight == 0
+        async with gate.admit(1000):  # free again once the first left
+            pass
+        return over_budget.value, no_slot.value
+
+    over_budget, no_slot = asyncio.run(scenario())
+    for error in (over_budget, no_slot):
+        assert (error.status, error.code) == (503, "decode_busy") and error.headers["Retry-After"]
+    assert "LIFT_DECODE_PIXEL_BUDGET=1000" in over_budget.message
+
+
+# -- server limits ----------------------------------------------------------------------------------
+def test_server_limits_refuse_huge_heads_and_cap_connections(tiny_bundle, runtime):
+    """With the limits `lift serve` passes to uvicorn: a 1 MB request head is not accepted, and
+    connections beyond LIFT_MAX_CONNECTIONS get 503 instead of using up file descriptors."""
+    import socket
+
+    import httpx
+    from lift_serve.service.settings import Settings
+    from live_server import live_server
+
+    settings = Settings(bundle=tiny_bundle, max_header_bytes=16384, max_connections=4, keep_alive_s=1.0)
+    app = make_app(tiny_bundle, runtime, max_wait_ms=0)
+    with live_server(app, **settings.uvicorn_options()) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
+            try:
+                answer = conn.recv(200)
+            except (ConnectionResetError, BrokenPipeError):
+                answer = b""
+        assert not answer.startswith(b"HTTP/1.1 200"), answer
+        # half-sent requests hold connections; the ones past the limit are answered 503 at once
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+        try:
+            for conn in idle:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never completes
+            statuses = [httpx.get(url + "/healthz", timeout=5).status_code for _ in range(3)]
+        finally:
+            for conn in idle:
+                conn.close()
+        assert 503 in statuses, statuses
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # and served again once they left
