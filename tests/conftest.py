@@ -76,3 +76,21 @@ def make_tiny_bundle(out_dir, **kwargs):
 def tiny_bundle(tmp_path_factory):
     """A bundle of the tiny ViT + seeded LiFT: iterations (0, 1), sizes 64x64 and 64x96 (fp32)."""
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    """The tiny bundle opened with ONNX Runtime on the CPU (one per test module; modules that need
+    another runtime define their own)."""
+    from lift_serve.service.ort_runtime import BundleRuntime
+
+    return BundleRuntime(tiny_bundle, providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle, runtime):
+    """A started in-process app serving :func:`runtime` (batches run at once)."""
+    from service_helpers import make_app, started_client
+
+    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0)) as c:
+        yield c

@@ -17,17 +17,6 @@ from service_helpers import blocks, encode, make_app, started_client
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_bundle):
-    from lift_serve.service.ort_runtime import BundleRuntime
-
-    return BundleRuntime(tiny_bundle, providers="cpu")
-
-
-@pytest.fixture(scope="module")
-def client(tiny_bundle, runtime):
-    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0)) as c:
-        yield c
 
 
 # -- formats ----------------------------------------------------------------------------------------

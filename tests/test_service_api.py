@@ -10,19 +10,6 @@ from PIL import Image
 from service_helpers import blocks, encode, make_app, metric, noise, png_declaring, started_client
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_bundle):
-    from lift_serve.service.ort_runtime import BundleRuntime
-
-    return BundleRuntime(tiny_bundle, providers="cpu")
-
-
-@pytest.fixture(scope="module")
-def client(tiny_bundle, runtime):
-    with started_client(make_app(tiny_bundle, runtime, max_wait_ms=0)) as c:
-        yield c
-
-
 def _npy(response) -> np.ndarray:
     assert response.status_code == 200, response.text
     return np.load(io.BytesIO(response.content), allow_pickle=False)
