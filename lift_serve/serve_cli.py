@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from lift_serve.http_server import server_options
     from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
 
     settings = build_settings(args)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings(settings)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           access_log=settings.log_level == "debug", **settings.uvicorn_options()))
+                                           access_log=settings.log_level == "debug", **server_options(settings)))
     state = app.state.service
     # The graphs load after the server starts (so /healthz answers meanwhile); a bundle that cannot
     # load (missing or corrupt graph) stops the command rather than leaving a server that only says 503.

@@ -17,11 +17,12 @@ Conventions (the bundle contract, ``lift_serve.bundle``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
-from lift_serve.bundle import BundleError, GraphFile, Manifest, read_manifest, sha256_file
+from lift_serve.bundle import BundleError, GraphFile, Manifest, read_manifest
 
 logger = logging.getLogger("lift.runtime")
 
@@ -154,7 +155,11 @@ class BundleRuntime:
                 f"graph file {path} listed in the manifest is missing (the {role} graph); copy the whole "
                 "bundle directory or re-export it with `lift export`"
             )
-        digest = sha256_file(path)
+        # The bytes that are hashed are the bytes that are loaded: ORT gets them, not the path, so it
+        # cannot also read external-data files beside the graph, which no sha256 covers (a graph
+        # that needs them is refused; `lift export` writes self-contained graphs).
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if digest != graph.sha256:
             raise BundleError(
                 f"graph file {path} has sha256 {digest[:12]}… but the manifest records "
@@ -162,9 +167,12 @@ class BundleRuntime:
                 "copy the bundle again or re-export it with `lift export`"
             )
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+            session = ort.InferenceSession(data, sess_options=options, providers=wanted)
         except Exception as exc:  # ORT raises several private exception types for unreadable graphs
-            raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc)[:300]}") from None
+            raise BundleError(f"ONNX Runtime cannot load {path} ({str(exc)[:300]}); a graph must be one "
+                              "self-contained file (external-data files are not covered by the manifest's "
+                              "sha256): re-export the bundle with `lift export`") from None
+        del data
         self._check_signature(session, role, graph, path)
         return session
 

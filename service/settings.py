@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(512, ge=1, description="connections and requests at once; beyond it new "
                                  "ones get 503 (keeps file descriptors for everyone else)")
     keep_alive_s: float = Field(5.0, gt=0, le=600, description="idle keep-alive connections are closed after this")
+    head_timeout_s: float = Field(10.0, gt=0, le=600, description="a connection that has not sent a whole request "
+                                  "head (line + headers) this long after connecting or its last answer is closed")
     graceful_shutdown_s: float = Field(20.0, gt=0, le=600, description="on SIGTERM, time for running requests "
                                        "before the process exits (below compose's 30 s grace period)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = none")

@@ -458,3 +458,46 @@ def test_server_limits_refuse_huge_heads_and_cap_connections(tiny_bundle, runtim
                 conn.close()
         assert 503 in statuses, statuses
         assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # and served again once they left
+
+
+def test_half_sent_request_heads_are_closed_after_the_head_timeout(tiny_bundle, runtime):
+    import socket
+    import time
+
+    import httpx
+    from lift_serve.http_server import server_options
+    from lift_serve.service.settings import Settings
+    from live_server import live_server
+
+    settings = Settings(bundle=tiny_bundle, head_timeout_s=0.5, keep_alive_s=30.0)
+    with live_server(make_app(tiny_bundle, runtime, max_wait_ms=0), **server_options(settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and then nothing more
+            started = time.monotonic()
+            assert slow.recv(100) == b""  # the server closed it
+            assert 0.4 <= time.monotonic() - started < 4
+        # a request that completes its head in time is served, also a second one on a kept-alive connection
+        with httpx.Client(base_url=url) as http:
+            assert http.get("/healthz").status_code == 200
+            time.sleep(0.2)
+            assert http.get("/healthz").status_code == 200
+
+
+def test_a_graph_that_needs_external_data_files_is_refused(bundle_copy):
+    """External-data files are outside the manifest's sha256: a graph that refers to one does not load."""
+    import json
+
+    import onnx
+    from lift_serve.bundle import BundleError, sha256_file
+    from lift_serve.service.ort_runtime import BundleRuntime
+
+    model = onnx.load(str(bundle_copy / "backbone.onnx"))
+    onnx.save_model(model, str(bundle_copy / "backbone.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert (bundle_copy / "weights.bin").stat().st_size > 0
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["backbone"]["graph"]["sha256"] = sha256_file(bundle_copy / "backbone.onnx")
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="self-contained"):
+        BundleRuntime(bundle_copy, providers=["cpu"], warmup=False)
