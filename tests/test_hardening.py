@@ -465,9 +465,10 @@ def test_half_sent_request_heads_are_closed_after_the_head_timeout(tiny_bundle, 
     import time
 
     import httpx
-    from lift_serve.http_server import server_options
     from lift_serve.service.settings import Settings
     from live_server import live_server
+
+    from lift_serve.http_server import server_options
 
     settings = Settings(bundle=tiny_bundle, head_timeout_s=0.5, keep_alive_s=30.0)
     with live_server(make_app(tiny_bundle, runtime, max_wait_ms=0), **server_options(settings)) as url:
