@@ -10,6 +10,7 @@ time (``hmac.compare_digest``) against every accepted key, and are never logged 
 from __future__ import annotations
 
 import hmac
+import json
 
 from lift_serve.service.errors import error_body
 
@@ -49,8 +50,6 @@ class ApiKeyMiddleware:
         presented = _presented_key(scope.get("headers", []))
         if key_accepted(presented, self.keys):
             return await self.app(scope, receive, send)
-        import json
-
         reason = "no API key was sent" if presented is None else "the API key is not valid"
         body = json.dumps(error_body("unauthorized", f"{reason}: send `Authorization: Bearer <key>` (the server "
                                      "was started with LIFT_API_KEYS)")).encode()

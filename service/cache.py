@@ -5,7 +5,7 @@ Two kinds of entries share one budget:
 * an :class:`Embedding` per image, keyed by :func:`embedding_key` (the SHA-256 of the uploaded bytes,
   resize policy, model input size): the backbone features and the model-input pixels, everything
   the upsampler needs to produce *any* density without the backbone;
-* a :class:`FeatureEntry` per (image, density), keyed by its feature id (:func:`feature_id`, the
+* a :class:`FeatureEntry` per (image, density), keyed by its feature id (:func:`with_iterations`, the
   embedding key plus ``k<iterations>``): the features at that density, as the runtime returned
   them (float32), so a cache hit answers bit-identically to a miss.
 
@@ -37,12 +37,6 @@ def embedding_key(digest: str, geometry: ImageGeometry) -> str:
     return f"{digest[:32]}-{policy}-{geometry.input_height}x{geometry.input_width}"
 
 
-def feature_id(digest: str, iterations: int, geometry: ImageGeometry) -> str:
-    """``<sha256 of the bytes, 32 hex>-k<iterations>-<policy>-<H>x<W>``: stable across restarts."""
-    policy = "sq" if geometry.policy == "square" else "ka"
-    return f"{digest[:32]}-k{iterations}-{policy}-{geometry.input_height}x{geometry.input_width}"
-
-
 def parse_feature_id(fid: str) -> tuple[str, int] | None:
     """``(embedding key, iterations)`` of a feature id, or None if it is not one."""
     parts = fid.split("-")
@@ -52,7 +46,8 @@ def parse_feature_id(fid: str) -> tuple[str, int] | None:
 
 
 def with_iterations(key: str, iterations: int) -> str:
-    """The feature id of embedding ``key`` at density ``iterations``."""
+    """The feature id of embedding ``key`` at density ``iterations``:
+    ``<sha256 of the bytes, 32 hex>-k<iterations>-<policy>-<H>x<W>``, stable across restarts."""
     digest, policy, size = key.split("-")
     return f"{digest}-k{iterations}-{policy}-{size}"
 

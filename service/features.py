@@ -174,12 +174,9 @@ class FeatureService:
         """Features of an uploaded image file: cached features, else the cached embedding plus
         upsampler steps, else decode, batch, run backbone and upsampler, and cache both."""
         key, geometry = await asyncio.to_thread(self._plan, data)
-        entry = self.cache.get(with_iterations(key, iterations))
+        entry = await self._from_cache(key, iterations, is_gone)
         if entry is not None:
             return entry
-        embedding = self.cache.get(key, count=False)
-        if embedding is not None:
-            return await self._densify(embedding, iterations, is_gone)
         batch_key = self.batcher.key((geometry.input_height, geometry.input_width), iterations)
         self.batcher.expect(batch_key)  # so that a batch about to close waits for this image's decode
         try:
@@ -193,39 +190,33 @@ class FeatureService:
         self.cache.put(embedding)
         return self._entry(embedding, iterations, coarse if iterations == 0 else features)
 
-    def known(self, fid: str) -> FeatureEntry | Embedding:
-        """The cached entry a feature id names (its features, else its image's embedding); 404 if neither."""
-        parsed = parse_feature_id(fid)
-        entry = self.cache.get(fid) if parsed else None
-        if entry is None and parsed:
-            entry = self.cache.get(parsed[0], count=False)
-        if entry is None:
-            raise ServiceError(404, "unknown_feature_id",
-                               f"feature id {fid[:100]!r} is unknown or was evicted from the cache; "
-                               "send the image again (the response carries a fresh id)")
-        return entry
-
     def id_iterations(self, fid: str) -> int | None:
         """The density a feature id was issued for (None if it is not a feature id)."""
         parsed = parse_feature_id(fid)
         return parsed[1] if parsed else None
+
+    async def _from_cache(self, key: str, iterations: int,
+                          is_gone: Callable[[], Awaitable[bool]] | None) -> FeatureEntry | None:
+        """Cached features of embedding ``key`` at ``iterations``, else computed from the cached
+        embedding (upsampler steps only), else None."""
+        entry = self.cache.get(with_iterations(key, iterations))
+        if entry is not None:
+            return entry
+        embedding = self.cache.get(key, count=False)
+        return None if embedding is None else await self._densify(embedding, iterations, is_gone)
 
     async def from_id(self, fid: str, iterations: int | None = None,
                       is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
         """Features by id: at the id's own density unless ``iterations`` asks for another, which is
         computed from the cached embedding (upsampler steps only). 404 ``unknown_feature_id`` when
         neither the features nor the image's embedding is cached."""
-        found = self.known(fid)
-        k = self.id_iterations(fid) if iterations is None else self.iterations(iterations)
-        if isinstance(found, FeatureEntry) and found.iterations == k:
-            return found
-        key = found.id if isinstance(found, Embedding) else parse_feature_id(fid)[0]
-        entry = self.cache.get(with_iterations(key, k), count=False)
-        if entry is not None:
-            return entry
-        embedding = found if isinstance(found, Embedding) else self.cache.get(key, count=False)
-        if embedding is None:
+        parsed = parse_feature_id(fid)
+        entry = None
+        if parsed is not None:
+            key, issued = parsed
+            entry = await self._from_cache(key, issued if iterations is None else self.iterations(iterations), is_gone)
+        if entry is None:
             raise ServiceError(404, "unknown_feature_id",
-                               f"the image of feature id {fid[:100]!r} was evicted from the cache, so density "
-                               f"{k} cannot be computed from it; send the image again")
-        return await self._densify(embedding, k, is_gone)
+                               f"feature id {fid[:100]!r} is unknown or was evicted from the cache; "
+                               "send the image again (the response carries a fresh id)")
+        return entry
