@@ -82,9 +82,11 @@ class FeatureService:
         self._executor.shutdown(wait=True)
 
     # -- what the batchers run (inference thread) ----------------------------------------------------
-    def _embed_and_upsample(self, images: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    def _embed_and_upsample(self, images: np.ndarray, iterations: int) -> tuple[np.ndarray, ...]:
+        """(backbone features, features at ``iterations``); just the first at density 0, so that a
+        batch's rows are not copied twice."""
         coarse = self.runtime.embed(images)
-        return coarse, (self.runtime.upsample(images, coarse, iterations) if iterations else coarse)
+        return (coarse, self.runtime.upsample(images, coarse, iterations)) if iterations else (coarse,)
 
     def _upsample(self, batch: tuple[np.ndarray, np.ndarray], iterations: int) -> np.ndarray:
         pixels, coarse = batch
@@ -185,10 +187,10 @@ class FeatureService:
         finally:
             self.batcher.unexpect(batch_key)
         # No await between unexpect and the enqueue inside submit: the worker never sees a gap.
-        coarse, features = await self._submit(self.batcher, model_input, iterations, is_gone)
-        embedding = Embedding(key, coarse, model_input, geometry, data)
+        result = await self._submit(self.batcher, model_input, iterations, is_gone)
+        embedding = Embedding(key, result[0], model_input, geometry, data)
         self.cache.put(embedding)
-        return self._entry(embedding, iterations, coarse if iterations == 0 else features)
+        return self._entry(embedding, iterations, result[-1])
 
     def id_iterations(self, fid: str) -> int | None:
         """The density a feature id was issued for (None if it is not a feature id)."""
