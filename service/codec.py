@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
+import struct
 import warnings
 
 import numpy as np
@@ -45,10 +47,15 @@ class ImageError(ValueError):
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
 ACCEPTED_TEXT = "JPEG, PNG, WebP, TIFF, BMP, GIF or PPM"
 # A progressive JPEG is decoded once per scan: 2,000 scans in 330 KB took 83 s. Ordinary encoders
-# write 1 (baseline) to about 12 (progressive); each SOS marker (FF DA) starts one, and entropy-coded
-# data cannot contain FF DA (an FF byte there is stuffed with 00), so counting them is exact, up to
-# an embedded EXIF thumbnail's own scans.
+# write 1 (baseline) to about 12 (progressive) scans and a few dozen segments; the limits below keep
+# the worst accepted file to a few seconds of decoding (bench/decode_bench.py measures it), and are
+# checked by walking the marker structure before Pillow reads anything (Pillow's own header parser
+# is a Python loop over segments, so a file of millions of empty segments would be slow to open).
 MAX_JPEG_SCANS = 64
+MAX_JPEG_SEGMENTS = 1024
+# After a scan header, entropy-coded data runs to the next marker: FF followed by anything but
+# 00 (a stuffed FF), FF (fill) or D0-D7 (restart markers, which belong to the scan).
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 # EXIF orientations 5..8 rotate by 90 degrees: width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
@@ -74,6 +81,8 @@ class ImageHeader:
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError(400, "empty_image", "the image is empty (0 bytes); send the file's contents")
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg_structure(data)
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check (Image.MAX_IMAGE_PIXELS) is replaced by the explicit one below.
@@ -90,10 +99,6 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             415, "not_an_image",
             f"the {len(data)} bytes sent are not an image in a format this server accepts ({ACCEPTED_TEXT}); "
             "send an image file in one of those") from None
-    if image.format == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
-        raise ImageError(413, "too_many_scans",
-                         f"the JPEG has {data.count(bytes([0xFF, 0xDA]))} scans, more than {MAX_JPEG_SCANS} (ordinary "
-                         "files have 1 to about 12); each scan is a full decoding pass: re-save it as a baseline JPEG")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -103,6 +108,44 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise ImageError(400, "corrupt_image", f"the image declares an empty size {width}x{height}")
     return image
+
+
+def _check_jpeg_structure(data: bytes) -> None:
+    """Refuse (413) a JPEG of more than ``MAX_JPEG_SCANS`` scans or ``MAX_JPEG_SEGMENTS`` segments,
+    counted by walking its markers: segment lengths are followed, so bytes inside APP/COM segments
+    (an EXIF thumbnail's own scans among them) are not mistaken for markers. A damaged structure
+    ends the walk quietly: the decoder then reports the file as corrupt."""
+    scans = segments = 0
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart / TEM: no length
+            position += 2
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(413, "too_many_segments",
+                             f"the JPEG has more than {MAX_JPEG_SEGMENTS} marker segments (ordinary files have a few "
+                             "dozen); re-save it with an ordinary encoder")
+        (length,) = struct.unpack_from(">H", data, position + 2)
+        position += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageError(413, "too_many_scans",
+                                 f"the JPEG has more than {MAX_JPEG_SCANS} scans (ordinary files have 1 to about 12); "
+                                 "each scan is a full decoding pass: re-save it as a baseline JPEG")
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                return
+            position = found.start()
 
 
 def _orientation(image: Image.Image) -> int:
@@ -160,8 +203,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image, dtype=np.float64)
-        return _gray_to_rgb(np.clip(values, 0, 65535) * (255.0 / 65535.0))
+        # Integer arithmetic, round(v * 255 / 65535) = (v + 128) // 257 exactly (v / 257 has no ties):
+        # a 40-megapixel 16-bit file peaks at about 9 bytes a pixel here, not 26 as through float64.
+        values = np.asarray(image)
+        if mode == "I":
+            values = np.clip(values, 0, 65535)
+        gray = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
         lo, hi = float(values.min()), float(values.max())

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(5.0, gt=0, le=600, description="idle keep-alive connections are closed after this")
     head_timeout_s: float = Field(10.0, gt=0, le=600, description="a connection that has not sent a whole request "
                                   "head (line + headers) this long after connecting or its last answer is closed")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request whose body is not complete this long "
+                                  "after its head is closed (slow uploads cannot hold connections)")
     graceful_shutdown_s: float = Field(20.0, gt=0, le=600, description="on SIGTERM, time for running requests "
                                        "before the process exits (below compose's 30 s grace period)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = none")

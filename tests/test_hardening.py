@@ -371,26 +371,43 @@ def test_drawings_stay_small_whatever_the_aspect(client):
 
 
 # -- decoding that cannot starve the server ---------------------------------------------------------
-def _jpeg_with_markers(count: int) -> bytes:
-    """A valid small JPEG plus a comment segment holding ``count`` SOS markers (FF DA): what the scan
-    count check reads, standing in for a progressive file of that many scans."""
+def _jpeg_with_comments(count: int, payload: bytes) -> bytes:
+    """A valid small JPEG with ``count`` comment segments holding ``payload`` each."""
     import struct
 
     data = encode(blocks(32, 32, seed=14), "JPEG")
-    comment = b"\xff\xda" * count
-    segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
-    return data[:2] + segment + data[2:]
+    segment = b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload
+    return data[:2] + segment * count + data[2:]
 
 
 def test_jpegs_with_too_many_scans_are_refused_before_decoding():
+    """A real scan bomb (a progressive file whose first scan is repeated; libjpeg decodes each
+    repeat): one scan over the limit is refused by the header check, at the limit it decodes."""
+    from lift_serve.bench.decode_bench import progressive_jpeg_with_scans
     from lift_serve.service.codec import MAX_JPEG_SCANS
 
-    assert decode_image(_jpeg_with_markers(10), max_pixels=10_000).size == (32, 32)
+    pixels = blocks(48, 64, seed=14)
+    assert decode_image(progressive_jpeg_with_scans(pixels, MAX_JPEG_SCANS), max_pixels=10_000).size == (64, 48)
+    bomb = progressive_jpeg_with_scans(pixels, MAX_JPEG_SCANS + 1)
+    with Image.open(io.BytesIO(bomb)) as image:  # libjpeg itself decodes it: it is a valid file
+        image.load()
     for call in (read_header, decode_image):
         with pytest.raises(ImageError) as info:
-            call(_jpeg_with_markers(2000), max_pixels=10_000)
+            call(bomb, max_pixels=10_000)
         assert (info.value.status, info.value.code) == (413, "too_many_scans")
         assert str(MAX_JPEG_SCANS) in info.value.message
+
+
+def test_jpeg_limits_walk_the_marker_structure():
+    """Scan-marker bytes inside a comment (or an EXIF thumbnail) are not scans; millions of empty
+    segments, which Pillow's header parser would walk in Python, are refused before it runs."""
+    from lift_serve.service.codec import MAX_JPEG_SEGMENTS
+
+    assert decode_image(_jpeg_with_comments(1, b"\xff\xda" * 2000), max_pixels=10_000).size == (32, 32)
+    assert decode_image(_jpeg_with_comments(20, b"note"), max_pixels=10_000).size == (32, 32)
+    with pytest.raises(ImageError) as info:
+        read_header(_jpeg_with_comments(MAX_JPEG_SEGMENTS + 1, b""), max_pixels=10_000)
+    assert (info.value.status, info.value.code) == (413, "too_many_segments")
 
 
 def test_real_progressive_jpegs_pass_the_scan_limit():
@@ -483,6 +500,79 @@ def test_half_sent_request_heads_are_closed_after_the_head_timeout(tiny_bundle, 
             assert http.get("/healthz").status_code == 200
             time.sleep(0.2)
             assert http.get("/healthz").status_code == 200
+
+
+def test_a_body_sent_too_slowly_is_closed_after_the_body_timeout(tiny_bundle, runtime):
+    import socket
+    import time
+
+    import httpx
+    from lift_serve.service.settings import Settings
+    from live_server import live_server
+
+    from lift_serve.http_server import server_options
+
+    settings = Settings(bundle=tiny_bundle, head_timeout_s=5.0, body_timeout_s=0.6, keep_alive_s=30.0)
+    with live_server(make_app(tiny_bundle, runtime, max_wait_ms=0), **server_options(settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as slow:
+            slow.sendall(b"POST /v1/features HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000\r\n\r\n--b\r\n")
+            started = time.monotonic()
+            slow.settimeout(0.1)
+            answer, closed = b"", False
+            while not closed and time.monotonic() - started < 4:  # a trickle of body bytes: a deadline, not idleness
+                try:
+                    chunk = slow.recv(4096)
+                    answer, closed = answer + chunk, not chunk
+                except TimeoutError:
+                    try:
+                        slow.sendall(b"x")
+                    except OSError:
+                        closed = True
+            elapsed = time.monotonic() - started
+            assert answer == b"" and 0.5 <= elapsed < 4, (answer[:200], elapsed)
+        # a whole body sent at once is served on a new connection
+        image = encode(blocks(32, 32, seed=16))
+        r = httpx.post(url + "/v1/features", files={"image": ("a.png", image)}, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def test_a_request_head_over_the_limit_is_431_whatever_the_reads(tiny_bundle, runtime):
+    """The head limit is exact: one byte over is refused with the JSON error, also a head between
+    one and two times the limit (which uvicorn's own check lets through when it comes in two reads)."""
+    import json
+    import socket
+
+    import httpx
+    from lift_serve.service.settings import Settings
+    from live_server import live_server
+
+    from lift_serve.http_server import server_options
+
+    settings = Settings(bundle=tiny_bundle, max_header_bytes=4096)
+    with live_server(make_app(tiny_bundle, runtime, max_wait_ms=0), **server_options(settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        prefix = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Fill: "
+        for size in (4097, 7000):
+            head = prefix + b"a" * (size - len(prefix) - 4) + b"\r\n\r\n"
+            assert len(head) == size
+            with socket.create_connection((host, int(port)), timeout=5) as conn:
+                conn.sendall(head[:3000])
+                conn.sendall(head[3000:])
+                answer = b""
+                while chunk := conn.recv(4096):
+                    answer += chunk
+            status, _, rest = answer.partition(b"\r\n")
+            assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+            error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+            assert error["code"] == "header_too_large" and "LIFT_MAX_HEADER_BYTES" in error["message"]
+        exact = prefix + b"a" * (4096 - len(prefix) - 4) + b"\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(exact)
+            assert conn.recv(100).startswith(b"HTTP/1.1 200")
+        with httpx.Client(base_url=url) as http:  # keep-alive: each request head is counted afresh
+            assert [http.get("/healthz", headers={"x-fill": "b" * 3000}).status_code for _ in range(3)] == [200] * 3
 
 
 def test_a_graph_that_needs_external_data_files_is_refused(bundle_copy):
