@@ -142,7 +142,7 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="lift-bench-serve-", suffix=".log", delete=False)
-        command = [sys.executable, "-c", "import lift_cli, sys; sys.exit(lift_cli.main())", "serve",
+        command = [sys.executable, "-m", "lift_serve.cli", "serve",
                    "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
                                         cwd=Path(__file__).resolve().parents[1])

@@ -26,6 +26,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "bench": {
         "export": "lift_serve.bench.export_bench",
         "serve": "lift_serve.bench.serve_bench",
+        "decode": "lift_serve.bench.decode_bench",
+        "soak": "lift_serve.bench.soak_bench",
         "train": "lift_serve.training.bench_cli",
     },
 }
