@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from lift_serve.http_server import server_options
     from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
 
+    from lift_serve.memory import return_large_blocks_to_the_system
+
+    return_large_blocks_to_the_system()
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.bundle is None and settings.demo:
