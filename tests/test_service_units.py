@@ -323,3 +323,12 @@ def test_a_cache_budget_below_one_image_is_refused_at_startup(tiny_bundle):
     # caching off, and a budget that holds a few images, are both fine
     FeatureService(runtime, Settings(bundle=tiny_bundle, cache_bytes=0), ServiceMetrics())
     FeatureService(runtime, Settings(bundle=tiny_bundle, cache_bytes=1 << 20), ServiceMetrics())
+
+
+def test_large_freed_blocks_go_back_to_the_system_on_glibc():
+    import platform
+
+    from lift_serve.memory import return_large_blocks_to_the_system
+
+    taken = return_large_blocks_to_the_system()
+    assert taken == (platform.libc_ver()[0] == "glibc")
