@@ -91,7 +91,7 @@ class BackboneInfo(_Strict):
     patch_size: Annotated[StrictInt, Field(gt=0, le=MAX_PATCH)]
     embed_dim: Annotated[StrictInt, Field(gt=0, le=MAX_CHANNELS)]
     layer: Annotated[StrictInt, Field(ge=-1024, le=1024)]
-    facet: Literal["key", "query", "value", "token"]
+    facet: Literal["key", "query", "value", "token", "token_norm"]
     model_kwargs: dict[str, Any]
     channel_layout: Literal["interleaved", "concatenated"]
     pos_interpolation: Literal["dino", "timm"]

@@ -1,4 +1,5 @@
-"""A frozen timm VisionTransformer that returns dense features of one block and facet.
+"""A frozen timm backbone (VisionTransformer: DINO v1, DINOv2; Eva: DINOv3): dense features of one
+block and facet.
 
 Facets follow the usage of dense-ViT-feature work (and the LiFT authors, who use DINO's last-block
 ``key``): ``query``/``key``/``value`` are the thirds of ``attn.qkv(norm1(x))`` of the chosen block;
@@ -36,6 +37,7 @@ and serving rebuild the identical network:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FACETS = ("key", "query", "value", "token")
+FACETS = ("key", "query", "value", "token", "token_norm")
 QKV_FACETS = ("query", "key", "value")
 DEFAULT_BACKBONE = "vit_small_patch16_224.dino"
 CHANNEL_LAYOUTS = ("interleaved", "concatenated")
@@ -68,7 +70,8 @@ class BackboneSpec:
         weights: ``"hub"``, ``"random"`` or a path to a local weights file.
         seed: RNG seed used when ``weights == "random"``.
         layer: block index whose features are returned; negative counts from the end (-1 = last).
-        facet: one of ``key``, ``query``, ``value``, ``token``.
+        facet: one of ``key``, ``query``, ``value``, ``token``, ``token_norm``; None: the family's
+            default (:func:`default_facet`).
         model_kwargs: extra ``timm.create_model`` keyword arguments (e.g. ``depth`` and
             ``embed_dim`` for the tiny test models).
         channel_layout: ``interleaved`` (the LiFT authors' order) or ``concatenated`` (timm's) for
@@ -81,7 +84,7 @@ class BackboneSpec:
     weights: str = "hub"
     seed: int = 0
     layer: int = -1
-    facet: str = "key"
+    facet: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     channel_layout: str | None = "interleaved"
     pos_interpolation: str = "auto"
@@ -107,7 +110,7 @@ class BackboneSpec:
         return cls.from_dict({**LEGACY_FIELDS, **data})
 
     def check_choices(self) -> None:
-        if self.facet not in FACETS:
+        if self.facet not in (*FACETS, None):
             raise BackboneError(f"facet must be one of {FACETS}, got {self.facet!r}")
         if self.channel_layout not in (*CHANNEL_LAYOUTS, None):
             raise BackboneError(f"channel_layout must be one of {CHANNEL_LAYOUTS}, got {self.channel_layout!r}")
@@ -121,11 +124,21 @@ class BackboneSpec:
         unset ``channel_layout`` (None: "the checkpoint's", decided by the factory) by the default."""
         self.check_choices()
         spec = self
+        if spec.facet is None:
+            spec = dataclasses.replace(spec, facet=default_facet(spec.name))
         if spec.channel_layout is None:
             spec = dataclasses.replace(spec, channel_layout="interleaved")
         if spec.pos_interpolation == "auto":
             spec = dataclasses.replace(spec, pos_interpolation="dino" if is_dino_v1_release(spec) else "timm")
         return spec
+
+
+def default_facet(name: str) -> str:
+    """The facet used when none is asked for: DINOv2 and DINOv3 (``*dinov2*``, ``*dinov3*`` timm
+    names) give their normalised last-block patch tokens, what their users and UPLiFT take;
+    everything else, DINO v1 first, gives the ``key`` facet the LiFT paper uses."""
+    base = name.partition(".")[0]
+    return "token_norm" if "dinov2" in base or "dinov3" in base else "key"
 
 
 def is_dino_v1_release(spec: BackboneSpec) -> bool:
@@ -156,7 +169,7 @@ def _create_timm_model(spec: BackboneSpec, pretrained: bool) -> nn.Module:
         # model that is not a VisionTransformer (no dynamic_img_size), lands here.
         raise BackboneError(
             f"timm cannot build {spec.name!r} with arguments {kwargs}: {exc}. The backbone must be a timm "
-            "VisionTransformer, and --backbone-kwargs may only hold arguments its constructor accepts"
+            "VisionTransformer or Eva, and --backbone-kwargs may only hold arguments its constructor accepts"
         ) from None
 
 
@@ -179,8 +192,16 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Load a local timm or DINO weights file into ``model``, or raise naming the mismatch."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    """Load a local timm or DINO weights file into ``model``, or raise naming the mismatch.
+
+    The file may hold timm's keys or an original release's (DINO v1 ``teacher``/``module.``
+    wrappers; DINOv2's ``register_tokens``; DINOv3's ``storage_tokens`` and rope layout): timm's own
+    ``checkpoint_filter_fn`` of the model's family maps those to timm's.
+    """
+    from timm.models import eva, vision_transformer
+
+    checkpoint_filter_fn = (eva.checkpoint_filter_fn if isinstance(model, eva.Eva)
+                            else vision_transformer.checkpoint_filter_fn)
 
     try:
         if path.suffix == ".safetensors":
@@ -244,8 +265,18 @@ def build_vit(spec: BackboneSpec) -> nn.Module:
     return model
 
 
-class ViTBackbone(nn.Module):
-    """Frozen ViT returning ``[B, C, H/P, W/P]`` features of one block and facet.
+class TimmBackbone(nn.Module):
+    """Frozen timm network returning ``[B, C, H/P, W/P]`` features of one block and facet, through
+    timm's public ``forward_intermediates()``; a family subclass says which networks it takes and
+    how a block's attention projects its input into query/key/value.
+
+    * ``token``: the block's output (``forward_intermediates(indices=[layer])``);
+    * ``token_norm``: the same through the network's final norm (``norm=True``): for the last
+      block, what DINOv2/DINOv3 users call the patch features;
+    * ``query``/``key``/``value``: the block's attention input, ``norm1`` of the previous block's
+      output tokens (``forward_intermediates(indices=[layer - 1])``, prefix tokens included; for
+      block 0 a forward pre-hook on its attention takes it), projected by the family's ``_qkv``.
+      The chosen block itself is not run (except block 0). Prefix tokens (CLS, registers) are dropped in every facet.
 
     The network is kept in eval mode with gradients off: LiFT is always trained against a fixed
     backbone, and BatchNorm-free ViTs behave identically in eval mode.
@@ -270,22 +301,26 @@ class ViTBackbone(nn.Module):
         self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
         self.num_heads = int(vit.blocks[self.layer_index].attn.num_heads)
+        self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 0))
         self.channel_layout = spec.channel_layout
         self.pos_interpolation = spec.pos_interpolation
-        if spec.pos_interpolation == "dino":
-            check_dino_position_embedding(vit)
+        self._captured: torch.Tensor | None = None
+        if self.facet in QKV_FACETS and self.layer_index == 0:
+            vit.blocks[0].attn.register_forward_pre_hook(self._capture_attention_input)
 
     @classmethod
-    def from_spec(cls, spec: BackboneSpec) -> ViTBackbone:
+    def from_spec(cls, spec: BackboneSpec) -> TimmBackbone:
         return cls(build_vit(spec), spec)
 
     @staticmethod
     def accepts(network: nn.Module) -> bool:
-        from timm.models.vision_transformer import VisionTransformer
+        raise NotImplementedError
 
-        return isinstance(network, VisionTransformer)
+    def _qkv(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 3C]`` query|key|value of attention input ``x``, channels (third, head, dim)."""
+        raise NotImplementedError
 
-    def train(self, mode: bool = True) -> ViTBackbone:
+    def train(self, mode: bool = True) -> TimmBackbone:
         # Always frozen: switching the parent module to train mode must not touch the ViT.
         super().train(False)
         return self
@@ -297,6 +332,18 @@ class ViTBackbone(nn.Module):
                 f"image sides must be multiples of the patch size {p}, got {height}x{width}; "
                 f"resize or pad to {-(-height // p) * p}x{-(-width // p) * p}"
             )
+
+    def _capture_attention_input(self, module: nn.Module, args: tuple) -> None:
+        self._captured = args[0]
+
+    def _qk_normed(self, attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+        """Apply the attention's per-head query/key norms (identity in DINO v1/v2/v3) as it does."""
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if all(n is None or isinstance(n, nn.Identity) for n in (q_norm, k_norm)):
+            return qkv
+        b, n, _ = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).unbind(2)
+        return torch.stack([q_norm(q), k_norm(k), v], dim=2).reshape(b, n, -1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Dense features.
@@ -310,26 +357,88 @@ class ViTBackbone(nn.Module):
         b, _, h, w = image.shape
         if not torch.compiler.is_compiling() and isinstance(h, int):
             self.check_image_size(h, w)
-        vit = self.vit
-        x = vit.patch_embed(image)
-        x = dino_pos_embed(vit, x) if self.pos_interpolation == "dino" else vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        for block in vit.blocks[: self.layer_index]:
-            x = block(x)
-        block = vit.blocks[self.layer_index]
-        if self.facet == "token":
-            x = block(x)
+        options = dict(indices=[self.layer_index], stop_early=True, output_fmt="NCHW", intermediates_only=True)
+        if self.facet not in QKV_FACETS:
+            return self.vit.forward_intermediates(image, norm=self.facet == "token_norm", **options)[0]
+        block = self.vit.blocks[self.layer_index]
+        if self.layer_index == 0:
+            # Block 0's attention input, taken by the hook; block 0 runs to its end, unused (an
+            # exception from the hook would stop it, but torch.export cannot follow that).
+            self.vit.forward_intermediates(image, **options)
+            x, self._captured = self._captured, None
         else:
-            qkv = block.attn.qkv(block.norm1(x))  # [B, N, 3*C], channels ordered (q|k|v, head, dim)
-            third = QKV_FACETS.index(self.facet)
-            x = qkv[..., third * self.embed_dim : (third + 1) * self.embed_dim]
-            if self.channel_layout == "interleaved":
-                n = x.shape[1]
-                heads = self.num_heads
-                x = x.reshape(b, n, heads, self.embed_dim // heads).transpose(2, 3).reshape(b, n, self.embed_dim)
-        x = x[:, vit.num_prefix_tokens :]
+            # The previous block's output tokens, prefix tokens included, then this block's norm1:
+            # the chosen block's MLP and attention are never run.
+            previous = dict(options, indices=[self.layer_index - 1], output_fmt="NLC")
+            if self.num_prefix_tokens:
+                spatial, prefix = self.vit.forward_intermediates(image, return_prefix_tokens=True, **previous)[0]
+                tokens = torch.cat([prefix, spatial], dim=1)
+            else:
+                tokens = self.vit.forward_intermediates(image, **previous)[0]
+            x = block.norm1(tokens)
+        attn = block.attn
+        qkv = self._qk_normed(attn, self._qkv(attn, x))
+        third = QKV_FACETS.index(self.facet)
+        x = qkv[..., third * self.embed_dim : (third + 1) * self.embed_dim]
+        if self.channel_layout == "interleaved":
+            n = x.shape[1]
+            heads = self.num_heads
+            x = x.reshape(b, n, heads, self.embed_dim // heads).transpose(2, 3).reshape(b, n, self.embed_dim)
+        x = x[:, self.num_prefix_tokens :]
         return x.transpose(1, 2).reshape(b, self.embed_dim, h // self.patch_size, w // self.patch_size)
+
+
+class ViTBackbone(TimmBackbone):
+    """timm ``VisionTransformer``: DINO v1, DINOv2 (with or without registers), and any other ViT.
+
+    ``pos_interpolation='dino'`` replaces the network's ``_pos_embed`` (the step
+    ``forward_intermediates`` calls) by :func:`dino_pos_embed` on this instance only.
+    """
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec):
+        super().__init__(vit, spec)
+        if self.pos_interpolation == "dino":
+            check_dino_position_embedding(vit)
+            vit._pos_embed = functools.partial(dino_pos_embed, vit)
+
+    @staticmethod
+    def accepts(network: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(network, VisionTransformer)
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return attn.qkv(x)
+
+
+class EvaBackbone(TimmBackbone):
+    """timm ``Eva``: DINOv3 (rotary position embeddings, registers), EVA-02 and kin.
+
+    Query and key are taken **before** the rotary embedding is applied. The rotation turns each
+    channel pair by an angle that depends only on the token's position, so rotated keys of the same
+    content at two places differ; the unrotated ones are the content descriptors that
+    correspondence and upsampling want (and what a hook on the projection gives).
+    """
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec):
+        super().__init__(vit, spec)
+        if self.pos_interpolation == "dino":
+            raise BackboneError("pos_interpolation 'dino' is for absolute position embeddings; an Eva network "
+                                "uses rotary embeddings: choose --pos-interpolation timm (auto does)")
+
+    @staticmethod
+    def accepts(network: nn.Module) -> bool:
+        from timm.models.eva import Eva
+
+        return isinstance(network, Eva)
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # As EvaAttention.forward: one fused projection whose biases (if any) live outside it, or
+        # three separate ones.
+        if attn.qkv is not None:
+            bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            return torch.nn.functional.linear(x, attn.qkv.weight, bias)
+        return torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
 
 
 # -- DINO's position-embedding interpolation ----------------------------------------------------
@@ -445,3 +554,4 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
 
 
 register_backbone_family("vit", ViTBackbone)
+register_backbone_family("eva", EvaBackbone)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lift_serve.model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone, build_backbone
+from lift_serve.model.backbone import QKV_FACETS, BackboneSpec, ViTBackbone, build_backbone, default_facet
 from lift_serve.model.checkpoint import (
     AUTHORS_CHANNEL_LAYOUT,
     CheckpointError,
@@ -28,7 +28,8 @@ def load_backbone_and_lift(
     With our checkpoint and ``spec=None`` the backbone comes from the checkpoint's sidecar. With an
     authors' ``.pth`` the spec is required (the state dict does not record it).
 
-    A spec whose ``channel_layout`` is None takes the checkpoint's (the authors' ``.pth``:
+    A spec whose ``facet`` is None takes the checkpoint's (ours), else its family's default. A spec
+    whose ``channel_layout`` is None takes the checkpoint's (the authors' ``.pth``:
     ``interleaved``; ours: its sidecar's); with no checkpoint, ``interleaved``. A LiFT trained on
     one layout of a query/key/value facet is never run on the other: that is a CheckpointError.
     """
@@ -52,6 +53,9 @@ def load_backbone_and_lift(
         spec = BackboneSpec()
     if spec.channel_layout is None:
         spec = dataclasses.replace(spec, channel_layout=lift_layout or BackboneSpec.channel_layout)
+    if spec.facet is None:  # the checkpoint's facet, else the backbone family's default
+        stored = BackboneSpec.from_stored(meta.backbone).facet if meta is not None else None
+        spec = dataclasses.replace(spec, facet=stored or default_facet(spec.name))
     if lift_layout is not None and spec.facet in QKV_FACETS and spec.channel_layout != lift_layout:
         raise CheckpointError(
             f"LiFT checkpoint {checkpoint} was trained on {spec.facet} features in the "

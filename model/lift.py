@@ -12,6 +12,13 @@ released state dicts load into :class:`LiFT` unchanged (see ``model.checkpoint``
 * ``outc``: 1x1 conv C//2 -> C
 
 For ``LiFT(384, 16)`` this is 1,187,280 trainable parameters, the paper's "1.2 M".
+
+**Other patch sizes** (DINOv2's 14): the image branch's strides only fit 8 and 16, so for any other
+patch size ``P`` the guide image (``[B,3,H,W]``, ``H = P*h``) is first resampled bilinearly
+(half-pixel centres, no antialiasing) to ``[B,3,16h,16w]``, where the patch-16 branch (2x2 max
+pool) lands on the 2x feature grid exactly. The weights are those of a patch-16 LiFT; the patch size
+is part of the configuration (``config()``) and so recorded in every checkpoint and bundle. Patch 8
+and 16 are untouched: bit-identical to the authors' module.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_PATCH_SIZES = (8, 16)
+NATIVE_PATCH_SIZES = (8, 16)  # the image branch's strides fit these; others resample the guide to 16
+RESAMPLED_GUIDE_PATCH = 16
+MAX_PATCH_SIZE = 64
 IMAGE_BRANCH_CHANNELS = 32
 
 
@@ -68,11 +77,8 @@ class LiFT(nn.Module):
 
     def __init__(self, in_channels: int, patch_size: int):
         super().__init__()
-        if patch_size not in SUPPORTED_PATCH_SIZES:
-            raise ValueError(
-                f"LiFT supports patch sizes {SUPPORTED_PATCH_SIZES}, got {patch_size}: its image branch "
-                "reaches the feature grid by stride-2 convolutions and a 2x2 pool, which only fit 8 and 16"
-            )
+        if not 1 <= patch_size <= MAX_PATCH_SIZE:
+            raise ValueError(f"LiFT needs a patch size between 1 and {MAX_PATCH_SIZE}, got {patch_size}")
         if in_channels < 2 or in_channels % 2:
             raise ValueError(f"LiFT needs an even channel count >= 2, got in_channels={in_channels}")
         self.in_channels = in_channels
@@ -83,7 +89,9 @@ class LiFT(nn.Module):
         self.image_convs_1 = nn.Sequential(
             *_conv_bn_relu(3, c, stride=2, bias=True), *_conv_bn_relu(c, c, stride=2, bias=True)
         )
-        self.scale_adapter = nn.MaxPool2d(2, 2) if patch_size == 16 else nn.Identity()
+        # the patch size the image branch works at: the guide is resampled to it when it differs
+        self.branch_patch = patch_size if patch_size in NATIVE_PATCH_SIZES else RESAMPLED_GUIDE_PATCH
+        self.scale_adapter = nn.MaxPool2d(2, 2) if self.branch_patch == 16 else nn.Identity()
         self.image_convs_2 = nn.Sequential(*_conv_bn_relu(c, c, stride=2, bias=True))
 
     def check_inputs(self, image: torch.Tensor, features: torch.Tensor) -> None:
@@ -119,6 +127,10 @@ class LiFT(nn.Module):
         """
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self.check_inputs(image, features)
+        if self.branch_patch != self.patch_size:
+            h, w = features.shape[-2:]
+            image = F.interpolate(image, size=(h * self.branch_patch, w * self.branch_patch), mode="bilinear",
+                                  align_corners=False, antialias=False)
         image_fine = self.scale_adapter(self.image_convs_1(image))  # [B,32,2H/P,2W/P]
         image_coarse = self.image_convs_2(image_fine)  # [B,32,H/P,W/P]
         x = self.up1(torch.cat([features, image_coarse], dim=1), image_fine)

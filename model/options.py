@@ -22,8 +22,10 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed for random weights (default: %(default)s)")
     group.add_argument("--layer", type=int, default=-1,
                        help="block whose features are used; negative counts from the end (default: last)")
-    group.add_argument("--facet", default="key", choices=("key", "query", "value", "token"),
-                       help="which features of that block (default: %(default)s, as the LiFT authors)")
+    group.add_argument("--facet", default=None, choices=("key", "query", "value", "token", "token_norm"),
+                       help="which features of that block: query/key/value of its attention, its output "
+                            "'token', or that through the final norm 'token_norm' (default: 'key' as the LiFT "
+                            "authors for DINO v1 and other ViTs; 'token_norm' for DINOv2/DINOv3 names)")
     group.add_argument("--backbone-kwargs", default="{}", metavar="JSON",
                        help="extra timm.create_model arguments as JSON, e.g. '{\"depth\": 2}'")
     group.add_argument("--channel-layout", default=None, choices=("interleaved", "concatenated"),

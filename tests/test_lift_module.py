@@ -16,9 +16,27 @@ def test_other_variants_build_and_run(channels, patch):
     assert out.shape == (1, channels, 8, 4)
 
 
-def test_unsupported_patch_size_is_a_clear_value_error():
-    with pytest.raises(ValueError, match="patch sizes"):
-        LiFT(384, 14)
+def test_patch_14_resamples_the_guide_to_a_patch_16_branch():
+    """A patch-14 LiFT is a patch-16 LiFT (same weights) fed the guide bilinearly resampled to 16
+    pixels a cell: rebuilt here by hand from the documented rule, on a non-square input."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lift14 = LiFT(32, 14).eval()
+    lift16 = LiFT(32, 16).eval()
+    assert set(lift14.state_dict()) == set(lift16.state_dict())
+    lift16.load_state_dict(lift14.state_dict())
+    image, features = torch.randn(2, 3, 14 * 3, 14 * 5), torch.randn(2, 32, 3, 5)
+    resampled = F.interpolate(image, size=(16 * 3, 16 * 5), mode="bilinear", align_corners=False, antialias=False)
+    out = lift14(image, features)
+    assert out.shape == (2, 32, 6, 10)
+    torch.testing.assert_close(out, lift16(resampled, features), rtol=0, atol=0)
+    assert lift14.config() == {"in_channels": 32, "patch_size": 14}
+
+
+def test_patch_sizes_out_of_range_are_a_clear_value_error():
+    with pytest.raises(ValueError, match="patch size between 1 and 64"):
+        LiFT(384, 0)
 
 
 def test_non_square_input_doubles_each_side():

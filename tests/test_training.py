@@ -188,7 +188,9 @@ def test_missing_or_empty_folder_fails_clearly_before_any_model_is_built(tmp_pat
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--imsize", "100"], "multiple of 4x the patch size"),
-    (["--imsize", "96"], "must be a multiple of 64"),
+    (["--imsize", "96"], "must be a multiple of 4x the patch size, 64"),
+    (["--imsize", "192", "--backbone", "vit_small_patch14_dinov2"],
+     "multiple of 4x the patch size, 56 (e.g. 168 or 224)"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
 ])
 def test_bad_settings_are_refused_with_a_reason(tmp_path, capsys, extra, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,10 @@ class TrainResult:
 
 def check_config(config: TrainConfig) -> None:
     """Reject impossible settings before anything is loaded."""
-    if config.imsize < 64 or config.imsize % 32:
-        raise TrainError(
-            f"--imsize {config.imsize} does not work: Eq. 1 also feeds the backbone x/4, whose sides "
-            "must be multiples of the patch size, so --imsize must be a multiple of 4x the patch size "
-            "(64 for patch 16, 32 for patch 8), e.g. 448 (the authors' choice) or 224")
+    # The patch size as the timm name states it (``patch14``), so that a wrong --imsize is refused
+    # before any weights are fetched; build_models checks again against the network itself.
+    named = re.search(r"patch(\d+)", str(config.backbone.get("name", "")))
+    check_imsize_for_patch(config.imsize, int(named.group(1)) if named else 16)
     for name in ("epochs", "batch_size", "save_every"):
         if getattr(config, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
@@ -88,11 +88,13 @@ def check_config(config: TrainConfig) -> None:
 
 
 def check_imsize_for_patch(imsize: int, patch_size: int) -> None:
+    """Eq. 1 also feeds the backbone x/4, whose sides must be whole patches: --imsize must be a
+    multiple of 4x the patch size (64 for patch 16, 56 for 14, 32 for 8)."""
     if imsize < 4 * patch_size or imsize % (4 * patch_size):
         lower = max(4 * patch_size, imsize // (4 * patch_size) * 4 * patch_size)
         raise TrainError(
-            f"--imsize {imsize} does not fit patch size {patch_size}: x/4 must be a whole number of "
-            f"patches, so --imsize must be a multiple of {4 * patch_size} (e.g. {lower} or "
-            f"{lower + 4 * patch_size})")
+            f"--imsize {imsize} does not fit patch size {patch_size}: Eq. 1 also feeds the backbone x/4, "
+            f"which must be a whole number of patches, so --imsize must be a multiple of 4x the patch size, "
+            f"{4 * patch_size} (e.g. {lower} or {lower + 4 * patch_size})")
 
 
