@@ -55,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lift_serve.http_server import server_options
-    from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
-
     from lift_serve.memory import return_large_blocks_to_the_system
+    from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
 
     return_large_blocks_to_the_system()
     settings = build_settings(args)

@@ -12,7 +12,8 @@ def test_a_short_soak_serves_good_traffic_and_answers_every_hostile_request(tiny
     out = tmp_path / "soak.json"
     env = ["LIFT_MAX_PIXELS=1000000", "LIFT_HEAD_TIMEOUT_S=1", "LIFT_BODY_TIMEOUT_S=1", "LIFT_MAX_IMAGES_PER_REQUEST=4"]
     code = cli.main(["bench", "soak", "--bundle", str(tiny_bundle), "--minutes", "0.15", "--clients", "6",
-                     "--hostile-clients", "2", "--idle-requests", "2", "--quiet-s", "1", "--size", "64", "--think-ms", "50", "--baseline-minutes", "0.05",
+                     "--hostile-clients", "2", "--idle-requests", "2", "--quiet-s", "1", "--size", "64",
+                     "--think-ms", "50", "--baseline-minutes", "0.05",
                      *[f"--server-env={item}" for item in env], "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
