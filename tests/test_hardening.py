@@ -635,3 +635,23 @@ def test_sigterm_ends_the_server_within_the_grace_period(tiny_bundle, tmp_path):
             server.wait()
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status says why (143 in a container)
     assert code in (0, -signal.SIGTERM) and took < 10, (code, took, server.stdout.read()[-2000:])
+
+
+def test_16_bit_images_are_scaled_without_float_copies():
+    """A 16-bit PNG becomes 8-bit RGB with round(v * 255 / 65535) for every value, and the NumPy
+    memory of the conversion stays a few bytes a pixel (through float64 it was about 26)."""
+    import tracemalloc
+
+    side = 1024
+    values = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16).reshape(side, side)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "PNG")
+    tracemalloc.start()
+    try:
+        image = decode_image(buffer.getvalue(), max_pixels=side * side)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(np.asarray(image)[..., 0], expected)
+    assert peak / (side * side) < 8, peak / (side * side)
