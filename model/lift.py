@@ -144,6 +144,11 @@ class LiFT(nn.Module):
         """Constructor arguments: ``LiFT(**config())`` rebuilds the module (weights aside)."""
         return {"in_channels": self.in_channels, "patch_size": self.patch_size}
 
+    @staticmethod
+    def state_layout(patch_size: int) -> tuple[int, int, bool]:
+        """The step state (the guide image): 3 channels, ``patch_size`` pixels a cell of the current grid."""
+        return 3, patch_size, True
+
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """Per-image state before the first step: the guide image of round 1, the normalised image."""
         return image

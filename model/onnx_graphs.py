@@ -114,12 +114,20 @@ def export_image_graph(module: nn.Module, output: str, path: Path, multiple: int
 
 def export_step_graph(module: StepGraph, channels: int, patch_size: int, dtype: torch.dtype, path: Path,
                       opset: int | None) -> None:
-    """Write the step graph; the state's sides are ``patch_size`` times the feature grid's."""
+    """Write the step graph. The upsampler's ``state_layout(patch_size)`` says the state's channels
+    and how its sides relate to the feature grid: ``(channels, scale, True)`` when they are ``scale``
+    times the current grid's (LiFT's guide image, doubled each round), ``(channels, scale, False)``
+    when they are fixed per image (UPLiFT's encoder maps, ``scale`` times the backbone grid),
+    independent dynamic axes then."""
+    state_channels, scale, follows_grid = module.upsampler.state_layout(patch_size)
     batch, rows, cols = torch.export.Dim("batch"), torch.export.Dim("rows"), torch.export.Dim("cols")
-    state = torch.zeros(EXAMPLE_BATCH, 3, 4 * patch_size, 6 * patch_size, dtype=dtype)
+    state = torch.zeros(EXAMPLE_BATCH, state_channels, 4 * scale, 6 * scale, dtype=dtype)
     features = torch.zeros(EXAMPLE_BATCH, channels, 4, 6, dtype=dtype)
-    dynamic = {"state": {0: batch, 2: patch_size * rows, 3: patch_size * cols},
-               "features": {0: batch, 2: rows, 3: cols}}
+    if follows_grid:
+        state_axes = {0: batch, 2: scale * rows, 3: scale * cols}
+    else:
+        state_axes = {0: batch, 2: torch.export.Dim("state_rows"), 3: torch.export.Dim("state_cols")}
+    dynamic = {"state": state_axes, "features": {0: batch, 2: rows, 3: cols}}
     _save(module, (state, features), dynamic, [STATE, FEATURES], [NEXT_STATE, NEXT_FEATURES], path, opset)
 
 
