@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
-import json
 import multiprocessing
-import os
-import platform
 import statistics
 import struct
 import time
 from pathlib import Path
 
 import numpy as np
+from lift_serve.bench.report import machine_facts, write_report
 from lift_serve.service import codec
 from lift_serve.service.geometry import ImageGeometry
 from PIL import Image
@@ -214,12 +212,7 @@ def run(args: argparse.Namespace) -> int:
     decode = worst_accepted(args.max_pixels, args.repeats)
     print("timing a decode process pool ...", flush=True)
     pool = process_pool(args.pool_requests)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "load_average_at_end": os.getloadavg()},
+    result = {"machine": machine_facts(),
               "decode": decode, "pool": pool}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(_table(result))
-    print(f"wrote {out}")
+    write_report(result, args.out, _table(result))
     return 0

@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -41,6 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lift_serve.bench.report import machine_facts, write_report
 
 HELP = "benchmark `lift serve`: 1/4/16 clients, batching on vs off, raw model throughput, cached clicks"
 DEFAULT_OUT = "runs/bench_serve.json"
@@ -333,8 +333,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "bundle": str(bundle), "size": args.size, "iterations": raw["iterations"], "dtype": args.dtype,
         "requests_per_level": args.requests, "max_batch_size": max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": machine_facts(),
         "raw": raw, "service": service, "clicks": clicks,
         "targets": {
             f"throughput at {max(levels)} clients with batching, % of raw": {
@@ -343,9 +342,5 @@ def run(args: argparse.Namespace) -> int:
                 "value": clicks["png"]["p50_ms"], "goal": "<= 15", "met": clicks["png"]["p50_ms"] <= 15},
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(_table(result))
-    print(f"wrote {out}")
+    write_report(result, args.out, _table(result))
     return 0

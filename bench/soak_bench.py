@@ -30,9 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import json
-import os
-import platform
 import random
 import socket
 import statistics
@@ -42,6 +39,7 @@ import time
 import zlib
 from pathlib import Path
 
+from lift_serve.bench.report import machine_facts, write_report
 from lift_serve.bench.serve_bench import BenchError, ServerProcess, percentile, synthetic_jpegs
 
 HELP = "bounded soak: mixed good and hostile traffic from 16 clients; RSS, served, latency within 2x idle"
@@ -369,17 +367,12 @@ def run(args: argparse.Namespace) -> int:
         "bundle": str(bundle), "server_env": server_env, "minutes": args.minutes, "clients": args.clients,
         "hostile_clients": args.hostile_clients, "think_ms": args.think_ms, "baseline_minutes": args.baseline_minutes,
         "quiet_s": args.quiet_s,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": machine_facts(),
         "rss_mb": {"start": rss_start, "peak": peak, "after_quiet": rss_after},
         "server_alive_at_end": alive,
         "good": good_rows, "hostile": hostile_counts,
         "hostile_total": sum(sum(c.values()) for c in hostile_counts.values()),
         "unexpected": sum(n for c in hostile_counts.values() for s, n in c.items() if _unexpected(s)),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(_table(result))
-    print(f"wrote {out}")
+    write_report(result, args.out, _table(result))
     return 0 if alive else 1

@@ -1,5 +1,5 @@
-"""The soak benchmark end to end on the tiny bundle: a real `lift serve` subprocess, short
-deadlines so that the half-sent requests are closed within the run."""
+"""The soak benchmark end to end on the tiny bundle (a real `lift serve` subprocess, short
+deadlines so that the half-sent requests are closed within the run), and the decode benchmark."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def test_a_short_soak_serves_good_traffic_and_answers_every_hostile_request(tiny
     assert set(hostile["100 KB header"]) == {"431"}
     rss = result["rss_mb"]
     assert 0 < rss["start"] <= rss["peak"]
+
+
+def test_the_decode_benchmark_measures_both_approaches(tmp_path):
+    """`lift bench decode` at a small size: every accepted format decodes within the limits, the
+    refused scan bomb is reported as refused, and the process-pool figures are filled in."""
+    out = tmp_path / "decode.json"
+    assert cli.main(["bench", "decode", "--max-pixels", "40000", "--repeats", "1", "--pool-requests", "2",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["file"]: row for row in result["decode"]["rows"]}
+    assert any("refused: 413 too_many_scans" in name for name in rows)
+    assert {"JPEG baseline", "PNG", "WEBP", "GIF", "BMP"} <= set(rows)
+    assert all(row["decode_s"] > 0 for row in rows.values())
+    pool = result["pool"]
+    assert len(pool["rows"]) == 2 and all(r["thread_ms"] > 0 and r["pool_ms"] > 0 for r in pool["rows"])
+    assert pool["kill_and_respawn_s"] > 0 and all(rss > 0 for rss in pool["worker_rss_mb"])
