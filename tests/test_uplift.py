@@ -73,9 +73,11 @@ def test_released_configurations_have_the_authors_keys_and_shapes(patch):
 
 # -- hand-written references of each sub-block ----------------------------------------------------------
 def bn(x, module):
-    return (x - module.running_mean[None, :, None, None]) / torch.sqrt(module.running_var[None, :, None, None]
-                                                                       + module.eps) * module.weight[None, :, None, None] \
-        + module.bias[None, :, None, None]
+    def per_channel(v):
+        return v[None, :, None, None]
+
+    scale = per_channel(module.weight) / torch.sqrt(per_channel(module.running_var) + module.eps)
+    return (x - per_channel(module.running_mean)) * scale + per_channel(module.bias)
 
 
 def pad_or_cut(skip, channels):
@@ -208,30 +210,61 @@ def test_too_few_channels_are_refused():
         UPLiFT(32, 16)
 
 
-def test_export_and_serve_an_uplift_bundle(tmp_path):
-    """A DINOv3-style tiny backbone with a random UPLiFT: exported with parity at every size and
-    listed density (the encoder once, the step graph applied k times), then served at 4x."""
+def test_the_uplift_objective_is_the_sum_of_every_step_against_the_matching_level():
+    """levels = 2: from S/2, one step vs F(S); from S/4, two steps vs F(S/2) and F(S); MSE, summed."""
+    from lift_serve.model.backbone import BackboneSpec, build_backbone
+    from lift_serve.training.objective import MultiStepUpsampler, uplift_loss
+
+    backbone = build_backbone(BackboneSpec.from_dict(DINOV3_TINY))
+    torch.manual_seed(0)
+    model = randomised(UPLiFT(64, 16), seed=3)
+    image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        loss, (one_step, multi_step) = uplift_loss(backbone, MultiStepUpsampler(model), image, levels=2)
+        half = F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        quarter = F.interpolate(image, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+        full_f, half_f, quarter_f = backbone(image), backbone(half), backbone(quarter)
+        a = F.mse_loss(model(half, half_f, 1), full_f)
+        b = F.mse_loss(model(quarter, quarter_f, 1), half_f)
+        c = F.mse_loss(model(quarter, quarter_f, 2), full_f)
+    torch.testing.assert_close(one_step, a + b)
+    torch.testing.assert_close(multi_step, c)
+    torch.testing.assert_close(loss, a + b + c)
+
+
+DINOV3_TINY = {"name": "vit_small_patch16_dinov3", "weights": "random", "seed": 3,
+               "model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2}}
+
+
+def test_train_export_serve_an_uplift_round_trip(tmp_path):
+    """`lift train --upsampler uplift` on a DINOv3-style tiny backbone (2 steps, then resumed to 3),
+    `lift export` with parity at every listed density (the encoder once, the step graph applied k
+    times), then the service answers at 4x."""
     import io
     import json
 
     import numpy as np
-    from lift_serve.model.backbone import BackboneSpec, build_backbone
-    from lift_serve.model.checkpoint import CheckpointMeta, save_lift_checkpoint
     from lift_serve.model.export import export_bundle
     from lift_serve.service.ort_runtime import BundleRuntime
+    from lift_serve.training.trainer import train
     from PIL import Image
     from service_helpers import make_app, started_client
 
-    spec = BackboneSpec.from_dict({"name": "vit_small_patch16_dinov3", "weights": "random", "seed": 3,
-                                   "model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2}})
-    backbone = build_backbone(spec)
-    torch.manual_seed(0)
-    upsampler = randomised(UPLiFT(64, 16), seed=2)
-    meta = CheckpointMeta(backbone=backbone.spec.to_dict(), channels=64, patch_size=16, mean=list(backbone.mean),
-                          std=list(backbone.std), upsampler="uplift")
-    checkpoint = save_lift_checkpoint(tmp_path / "uplift.safetensors", upsampler, meta)
+    from tests.test_training import make_images, step_records, tiny_config
+
+    make_images(tmp_path / "train", 8, seed=4)
+    options = dict(backbone=DINOV3_TINY, imsize=128, batch_size=4, epochs=5, upsampler="uplift", uplift_levels=2)
+    first = train(tiny_config(tmp_path / "train", tmp_path / "run", max_steps=2, **options))
+    resumed = train(tiny_config(tmp_path / "train", tmp_path / "run", max_steps=3, **options))
+    assert (first.steps, resumed.steps) == (2, 3)
+    records = step_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and abs(r["loss"] - r["loss_x2"] - r["loss_x4"]) < 1e-4 for r in records)
+    meta = json.loads((tmp_path / "run" / "lift.json").read_text())
+    assert (meta["upsampler"], meta["loss"], meta["patch_size"]) == ("uplift", "l2", 16)
+
     sizes = [(64, 96)]
-    bundle = export_bundle(tmp_path / "bundle", None, checkpoint, lift_iterations=(0, 2), sizes=sizes)
+    bundle = export_bundle(tmp_path / "bundle", None, resumed.checkpoint, lift_iterations=(0, 2), sizes=sizes)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["upsampler"]["kind"] == "uplift" and manifest["upsampler"]["max_steps"] == 2
     checked = {(tuple(case["size"]), case["iterations"]) for case in manifest["parity"]["cases"]}

@@ -29,8 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "larger value continues")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="autocast precision; fp16 (with loss scaling) needs CUDA (default: %(default)s)")
-    parser.add_argument("--loss", default="cosine", choices=("cosine", "l1", "l2"),
-                        help="distance d in Eq. 1 (default: %(default)s, as the paper)")
+    parser.add_argument("--upsampler", default="lift", choices=("lift", "uplift"),
+                        help="what to train: LiFT with Eq. 1 (default), or UPLiFT with its authors' multi-step "
+                             "objective (see --uplift-levels)")
+    parser.add_argument("--uplift-levels", type=int, default=2,
+                        help="UPLiFT: pyramid levels S/2 ... S/2^N trained from, each run up to full density "
+                             "(default: %(default)s; the authors: 3 for DINOv2-S/14, 2 for DINOv3-S+/16); "
+                             "--imsize must be a multiple of 2^N x the patch size")
+    parser.add_argument("--loss", default=None, choices=("cosine", "l1", "l2"),
+                        help="distance: default cosine for LiFT (the paper's Eq. 1), l2 (mean squared error) "
+                             "for UPLiFT (its authors)")
     parser.add_argument("--downsample", default="stride", choices=("stride", "antialias"),
                         help="how x/2 and x/4 are made: every second pixel (the authors) or an antialiased "
                              "resize (default: %(default)s)")
@@ -64,7 +72,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, precision=args.precision, loss=args.loss, downsample=args.downsample,
         resize=args.resize, augment=args.augment, workers=args.workers, save_every=args.save_every,
         save_every_steps=args.save_every_steps, resume=args.resume, device=args.device,
-        progress=args.progress)
+        progress=args.progress, upsampler=args.upsampler, uplift_levels=args.uplift_levels)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -101,3 +101,58 @@ def reconstruction_loss(
     term_full = feature_distance(pred_full, full_f, loss)
     term_half = feature_distance(pred_half, half_f, loss)
     return term_full + term_half, (term_full.detach(), term_half.detach())
+
+
+# -- UPLiFT's objective (its authors' training) ---------------------------------------------------------
+def resized(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased, half-pixel centres: how the authors make each pyramid level from the
+    full-size batch (torchvision's tensor resize)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class MultiStepUpsampler(nn.Module):
+    """Runs an iterative upsampler over every level of the UPLiFT objective in one call (the
+    module DDP wraps): from level ``i``'s image and features, ``i`` steps, every step returned."""
+
+    def __init__(self, upsampler: nn.Module):
+        super().__init__()
+        self.upsampler = upsampler
+
+    def forward(self, images: list[torch.Tensor], features: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``images[k]``/``features[k]``: the batch at 1/2^k scale and its backbone features.
+        Returns, for each level ``i >= 1``, the ``i`` step outputs (densities 2x ... 2^i x)."""
+        out = []
+        for level in range(1, len(images)):
+            state, x = self.upsampler.prepare(images[level]), features[level]
+            steps = []
+            for _ in range(level):
+                state, x = self.upsampler.step(state, x)
+                steps.append(x)
+            out.append(steps)
+        return out
+
+
+def uplift_loss(backbone: nn.Module, model: nn.Module, image: torch.Tensor, levels: int, loss: str = "l2",
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """UPLiFT's objective for a batch of normalised images ``[B,3,S,S]``: the pyramid ``S/2^k``
+    (k = 0..levels), each level resized from the full batch; from level ``i``'s image and
+    features, ``i`` steps; step ``j``'s output is compared with the backbone's features of the level
+    whose grid it has (level ``i - j``); all terms summed, weight 1 (the authors: MSE).
+
+    Returns (loss, (sum of the one-step terms, sum of the multi-step terms)), the latter detached.
+    """
+    height, width = image.shape[-2:]
+    images = [resized(image, (height // 2**k, width // 2**k)) for k in range(levels + 1)]
+    with torch.no_grad():
+        targets = [backbone(level) for level in images]
+    one_step = multi_step = image.new_zeros((), dtype=torch.float32)
+    for level, steps in enumerate(model(images, targets), start=1):
+        for count, prediction in enumerate(steps, start=1):
+            term = feature_distance(prediction, targets[level - count], loss)
+            if count == 1:
+                one_step = one_step + term
+            else:
+                multi_step = multi_step + term
+    return one_step + multi_step, (one_step.detach(), multi_step.detach())

@@ -17,9 +17,11 @@ from lift_serve.training.config import (
     CHECKPOINT_NAME,
     RESUME_FORMAT,
     RESUME_NAME,
+    TRAJECTORY_DEFAULTS,
     TRAJECTORY_KEYS,
     TrainConfig,
     TrainError,
+    resolved_loss,
 )
 
 
@@ -55,7 +57,8 @@ def load_resume_state(out: Path, expected: dict[str, Any]) -> dict[str, Any] | N
     if state.get("format") != RESUME_FORMAT:
         raise TrainError(f"{path} has resume format {state.get('format')}, expected {RESUME_FORMAT}; "
                          "pass --no-resume or another --out")
-    differing = {k: (state["trajectory"].get(k), v) for k, v in expected.items() if state["trajectory"].get(k) != v}
+    saved = {**TRAJECTORY_DEFAULTS, **state["trajectory"]}
+    differing = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if differing:
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differing.items())
         raise TrainError(f"--out {out} holds a run with different settings ({shown}). Resume it with the "
@@ -78,7 +81,7 @@ def save_checkpoint_and_state(config, out, lift, step_fn, dist, trajectory, step
     meta = CheckpointMeta(
         backbone=backbone.spec.to_dict(), channels=lift.in_channels, patch_size=lift.patch_size,
         mean=list(backbone.mean), std=list(backbone.std), image_size=config.imsize,
-        epochs=completed_epochs, steps=step, loss=config.loss,
+        epochs=completed_epochs, steps=step, loss=resolved_loss(config), upsampler=lift.kind,
         extra={"downsample": config.downsample, "resize": config.resize, "lr": config.lr,
                "batch_size": config.batch_size,
                "world_size": dist.world_size, "seed": config.seed, "augment": config.augment,

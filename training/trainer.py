@@ -35,6 +35,7 @@ Every rank reads ``resume.pt`` when resuming, so ``out`` must be on a filesystem
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -57,10 +58,12 @@ from lift_serve.training.config import (
     TrainResult,
     check_config,
     check_imsize_for_patch,
+    levels_of,
+    resolved_loss,
 )
 from lift_serve.training.data import ImageFolderDataset, ShardSampler, collate_images, scan_image_folder
 from lift_serve.training.distributed import Dist, global_count, setup_distributed
-from lift_serve.training.objective import TwoOctaveLiFT, reconstruction_loss
+from lift_serve.training.objective import MultiStepUpsampler, TwoOctaveLiFT, reconstruction_loss, uplift_loss
 from lift_serve.training.run_log import RunLogger, plot_loss_curve
 from lift_serve.training.state import load_resume_state, save_checkpoint_and_state, set_rng_state, trajectory_of
 
@@ -75,14 +78,15 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def build_models(spec_dict: dict[str, Any], imsize: int, seed: int) -> tuple[ViTBackbone, LiFT]:
-    """Frozen backbone and a freshly initialised LiFT (init seeded by ``seed``)."""
+def build_models(spec_dict: dict[str, Any], imsize: int, seed: int, upsampler: str = "lift",
+                 levels: int = 2) -> tuple[ViTBackbone, LiFT]:
+    """Frozen backbone and a freshly initialised upsampler (init seeded by ``seed``)."""
     spec = BackboneSpec.from_dict(spec_dict)
     backbone = build_backbone(spec)
-    check_imsize_for_patch(imsize, backbone.patch_size)
+    check_imsize_for_patch(imsize, backbone.patch_size, levels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lift = build_upsampler("lift", {"in_channels": backbone.embed_dim, "patch_size": backbone.patch_size})
+        lift = build_upsampler(upsampler, {"in_channels": backbone.embed_dim, "patch_size": backbone.patch_size})
     return backbone, lift
 
 
@@ -96,8 +100,10 @@ class TrainStep:
     """
 
     def __init__(self, backbone, lift_pair, preprocessing: Preprocessing, lr: float, precision: str,
-                 loss: str, downsample: str, device: torch.device):
+                 loss: str, downsample: str, device: torch.device, objective=None):
         self.backbone, self.lift_pair, self.preprocessing = backbone, lift_pair, preprocessing
+        # (backbone, module, images) -> (loss, (term, term)); default: Eq. 1 with ``loss`` and ``downsample``
+        self.objective = objective or functools.partial(reconstruction_loss, loss=loss, mode=downsample)
         self.loss, self.downsample, self.device, self.precision = loss, downsample, device, precision
         _autocast(precision, device)  # validates precision for the device before any work
         self.optimizer = torch.optim.Adam(lift_pair.parameters(), lr=lr)
@@ -109,8 +115,7 @@ class TrainStep:
         Returns detached (loss, term x/2->x, term x/4->x/2)."""
         images = self.preprocessing.normalize(images.to(self.device, non_blocking=True))
         with _autocast(self.precision, self.device):
-            loss, (term_full, term_half) = reconstruction_loss(
-                self.backbone, self.lift_pair, images, self.loss, self.downsample)
+            loss, (term_full, term_half) = self.objective(self.backbone, self.lift_pair, images)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -145,20 +150,25 @@ def _train(config: TrainConfig, out: Path, scan, dist: Dist) -> TrainResult:
                    + (f" (e.g. {scan.unreadable[0]})" if scan.unreadable else "")
                    + f"; ignored {scan.ignored} files without an image extension")
 
-    backbone, lift = build_models(config.backbone, config.imsize, config.seed)
+    backbone, lift = build_models(config.backbone, config.imsize, config.seed, config.upsampler, levels_of(config))
     if state is not None:
         lift.load_state_dict(state["lift"])  # before DDP wraps it; every rank reads the same file
     backbone.to(dist.device)
     lift.to(dist.device).train()
-    lift_pair = TwoOctaveLiFT(lift)
+    loss = resolved_loss(config)
+    if config.upsampler == "uplift":
+        lift_pair = MultiStepUpsampler(lift)
+        objective = functools.partial(uplift_loss, levels=config.uplift_levels, loss=loss)
+    else:
+        lift_pair, objective = TwoOctaveLiFT(lift), None
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         lift_pair = DistributedDataParallel(lift_pair, device_ids=ids)
     preprocessing = Preprocessing(backbone.mean, backbone.std, backbone.patch_size)
-    step_fn = TrainStep(backbone, lift_pair, preprocessing, config.lr, config.precision, config.loss,
-                        config.downsample, dist.device)
+    step_fn = TrainStep(backbone, lift_pair, preprocessing, config.lr, config.precision, loss,
+                        config.downsample, dist.device, objective)
 
     dataset = ImageFolderDataset(scan.paths, config.imsize, config.augment, config.seed, config.resize)
     per_rank = math.ceil(len(dataset) / dist.world_size)
@@ -180,7 +190,7 @@ def _train(config: TrainConfig, out: Path, scan, dist: Dist) -> TrainResult:
                    f"batch {batch_in_epoch}/{steps_per_epoch}")
     if batch_in_epoch >= steps_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
-    logger.say(f"training LiFT({lift.in_channels}, {lift.patch_size}) on {len(dataset)} images, "
+    logger.say(f"training {type(lift).__name__}({lift.in_channels}, {lift.patch_size}) on {len(dataset)} images, "
                f"{steps_per_epoch} steps/epoch x {config.epochs} epochs, {dist.world_size} process(es) "
                f"on {dist.device}, precision {config.precision}")
 
