@@ -27,6 +27,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "export": "lift_serve.bench.export_bench",
         "serve": "lift_serve.bench.serve_bench",
         "decode": "lift_serve.bench.decode_bench",
+        "upsamplers": "lift_serve.bench.upsampler_bench",
         "soak": "lift_serve.bench.soak_bench",
         "train": "lift_serve.training.bench_cli",
     },

@@ -76,6 +76,18 @@ def sidecar_path(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
+def is_ours(path: str | Path) -> bool:
+    """Our format: a ``.safetensors`` file with its sidecar. Anything else is an authors' file (the
+    LiFT authors' ``.pth``, the UPLiFT authors' released ``.safetensors``), which records no backbone."""
+    path = Path(path)
+    return path.suffix == ".safetensors" and sidecar_path(path).is_file()
+
+
+def authors_kind(state: dict) -> str:
+    """Which upsampler an authors' state dict is: UPLiFT's has an attender, LiFT's does not."""
+    return "uplift" if any(k.removeprefix("module.").startswith("attender.") for k in state) else "lift"
+
+
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove the ``module.`` prefix that DataParallel/DDP adds to every key."""
     return {(k.removeprefix("module.")): v for k, v in state.items()}
@@ -160,7 +172,9 @@ def load_lift_checkpoint(
     """Load a LiFT module from our checkpoint or the authors' ``.pth``.
 
     Args:
-        path: ``*.safetensors`` (ours, needs the sidecar) or ``*.pth``/``*.pt`` (authors' state dict).
+        path: ``*.safetensors`` with its sidecar (ours), or an authors' state dict: the LiFT
+            authors' ``*.pth``, or the UPLiFT authors' released ``*.safetensors`` (no sidecar); the
+            upsampler kind is told by its keys (:func:`authors_kind`).
         channels, patch_size: what the backbone produces. Required for ``.pth``; for ours, when
             given, they are checked against the sidecar.
 
@@ -173,7 +187,7 @@ def load_lift_checkpoint(
             f"LiFT checkpoint {path} does not exist; train one with `lift train`, or download the "
             "authors' .pth for your backbone, and pass its path"
         )
-    if path.suffix == ".safetensors":
+    if is_ours(path):
         from safetensors.torch import load_file
 
         meta = read_checkpoint_meta(path)
@@ -202,13 +216,18 @@ def load_lift_checkpoint(
             "backbone (e.g. --backbone vit_small_patch16_224.dino) so channels and patch size are known"
         )
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch state dict: {exc}") from None
+        raise CheckpointError(f"cannot read {path} as a state dict: {str(exc)[:200]}") from None
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{path} holds a {type(raw).__name__} that is not a state dict of tensors")
-    lift = LiFT(channels, patch_size)
+    lift = _build(authors_kind(raw), channels, patch_size)
     load_state_dict_checked(lift, strip_module_prefix(raw), str(path))
     return lift.eval(), None

@@ -31,6 +31,7 @@ from lift_serve.bundle import (
     validate_manifest,
 )
 from lift_serve.model.backbone import BackboneSpec, ViTBackbone
+from lift_serve.model.checkpoint import is_ours
 from lift_serve.model.extractor import DenseExtractor
 from lift_serve.model.onnx_graphs import (
     FEATURES,
@@ -245,10 +246,10 @@ def export_bundle(
             f"LiFT iterations {sorted(lift_iterations)} need LiFT weights: pass --checkpoint (our .safetensors "
             "or the authors' .pth), or --lift-iterations 0 for backbone features only"
         )
-    checkpoint_format = None if checkpoint is None else (
-        "ours" if Path(checkpoint).suffix == ".safetensors" else "authors")
+    checkpoint_format = None if checkpoint is None else ("ours" if is_ours(checkpoint) else "authors")
     if checkpoint_format == "authors" and spec is None:
-        raise ExportError("an authors' .pth checkpoint does not record its backbone; name it with --backbone")
+        raise ExportError("an authors' checkpoint (LiFT .pth, UPLiFT .safetensors without a sidecar) does not "
+                          "record its backbone; name it with --backbone")
     backbone, lift, _ = load_backbone_and_lift(spec, checkpoint)
     return export_modules(
         out_dir, backbone, lift, lift_iterations, sizes, precision, opset, demo, check_parity,

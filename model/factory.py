@@ -13,6 +13,7 @@ from lift_serve.model.checkpoint import (
     AUTHORS_CHANNEL_LAYOUT,
     CheckpointError,
     CheckpointMeta,
+    is_ours,
     load_lift_checkpoint,
     read_checkpoint_meta,
 )
@@ -42,7 +43,7 @@ def load_backbone_and_lift(
             "authors' .pth for your backbone, and pass its path"
         )
     lift_layout = None
-    if checkpoint is not None and Path(checkpoint).suffix == ".safetensors":
+    if checkpoint is not None and is_ours(checkpoint):
         meta = read_checkpoint_meta(checkpoint)
         lift_layout = BackboneSpec.from_stored(meta.backbone).channel_layout
         if spec is None:

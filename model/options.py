@@ -66,7 +66,11 @@ def backbone_spec_unless_sidecar(args: argparse.Namespace):
 
     from lift_serve.model.backbone import BackboneSpec
 
-    if args.backbone is None and args.checkpoint is not None and Path(args.checkpoint).suffix == ".safetensors":
+    checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
+    # ours (or missing, which the loader reports): the sidecar names the backbone. A .safetensors
+    # file without a sidecar is an authors' file (UPLiFT's releases): it needs the backbone named.
+    if args.backbone is None and checkpoint is not None and checkpoint.suffix == ".safetensors" \
+            and (checkpoint.with_suffix(".json").is_file() or not checkpoint.exists()):
         return None
     return BackboneSpec.from_dict(backbone_spec_dict(args) | {"name": args.backbone or DEFAULT_BACKBONE})
 

@@ -1,5 +1,5 @@
 """The soak benchmark end to end on the tiny bundle (a real `lift serve` subprocess, short
-deadlines so that the half-sent requests are closed within the run), and the decode benchmark."""
+deadlines so that the half-sent requests are closed within the run), the decode and the upsampler benchmarks."""
 
 from __future__ import annotations
 
@@ -48,3 +48,14 @@ def test_the_decode_benchmark_measures_both_approaches(tmp_path):
     pool = result["pool"]
     assert len(pool["rows"]) == 2 and all(r["thread_ms"] > 0 and r["pool_ms"] > 0 for r in pool["rows"])
     assert pool["kill_and_respawn_s"] > 0 and all(rss > 0 for rss in pool["worker_rss_mb"])
+
+
+def test_the_upsampler_benchmark_times_every_case(tmp_path):
+    out = tmp_path / "upsamplers.json"
+    assert cli.main(["bench", "upsamplers", "--sizes", "32", "--repeats", "1", "--out", str(out)]) == 0
+    rows = {row["case"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"backbone", "bilinear pixel-dense", "LiFT 2x", "LiFT pixel-dense", "UPLiFT 2x",
+                         "UPLiFT pixel-dense"}
+    assert rows["LiFT 2x"]["ratio_to_lift_2x"] == 1.0 and all(r["median_ms"] > 0 for r in rows.values())
+    pixel_dense_mb = 384 * 32 * 32 * 4 / 2**20  # [1, 384, 32, 32] float32: the image's own pixels
+    assert rows["UPLiFT pixel-dense"]["output_mb"] == rows["bilinear pixel-dense"]["output_mb"] == pixel_dense_mb

@@ -280,3 +280,31 @@ def test_train_export_serve_an_uplift_round_trip(tmp_path):
         click = client.post("/v1/similarity", params={"x": 30, "y": 20, "feature_id": r.headers["x-feature-id"],
                                                       "format": "npy"})
         assert click.status_code == 200 and np.load(io.BytesIO(click.content)).shape == (16, 24)
+
+
+def test_a_released_uplift_file_exports_with_the_backbone_named(tmp_path, capsys):
+    """The authors' released weights are a bare .safetensors state dict (no sidecar): `lift export
+    --checkpoint FILE --backbone NAME` tells UPLiFT from its keys and loads it unchanged."""
+    import json
+
+    from lift_serve.model.checkpoint import load_lift_checkpoint
+    from safetensors.torch import save_file
+
+    from lift_serve import cli
+
+    torch.manual_seed(0)
+    released = randomised(UPLiFT(64, 16), seed=4)
+    path = tmp_path / "uplift_dinov3-splus16.safetensors"
+    save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(path))
+    loaded, meta = load_lift_checkpoint(path, channels=64, patch_size=16)
+    assert isinstance(loaded, UPLiFT) and meta is None
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in released.state_dict().items())
+    out = tmp_path / "bundle"
+    code = cli.main(["export", "--checkpoint", str(path), "--out", str(out), "--sizes", "64", "--lift-iterations", "1",
+                     "--backbone", DINOV3_TINY["name"], "--backbone-weights", "random", "--seed", "3",
+                     "--backbone-kwargs", json.dumps(DINOV3_TINY["model_kwargs"])])
+    assert code == 0, capsys.readouterr().err
+    upsampler = json.loads((out / "manifest.json").read_text())["upsampler"]
+    assert (upsampler["kind"], upsampler["checkpoint_format"]) == ("uplift", "authors")
+    without_backbone = cli.main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "b2")])
+    assert without_backbone == 2 and "--backbone" in capsys.readouterr().err
