@@ -91,13 +91,23 @@ def _cases(backbone, lift, uplift, image) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        with torch.no_grad():  # not set_grad_enabled: the command must leave the process as it found it
+            return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import torch
     from lift_serve.model.backbone import BackboneSpec, build_backbone
     from lift_serve.model.lift import LiFT
     from lift_serve.model.uplift import UPLiFT
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
     backbone = build_backbone(BackboneSpec(name=args.backbone, weights="random", facet="token_norm"))
     if backbone.patch_size != 16:
         raise ValueError(f"--backbone must have patch 16 (4 steps = pixel density), got {backbone.patch_size}")
