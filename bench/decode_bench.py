@@ -28,12 +28,11 @@ import argparse
 import concurrent.futures
 import io
 import multiprocessing
-import statistics
 import struct
 import time
-from pathlib import Path
 
 import numpy as np
+from lift_serve.bench.measure import median_seconds, status_mb
 from lift_serve.bench.report import machine_facts, write_report
 from lift_serve.service import codec
 from lift_serve.service.geometry import ImageGeometry
@@ -95,15 +94,6 @@ def _encode(pixels: np.ndarray, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def _median_seconds(work, repeats: int) -> float:
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
-
-
 def worst_accepted(max_pixels: int, repeats: int) -> dict:
     from lift_serve.service.settings import Settings
 
@@ -128,7 +118,7 @@ def worst_accepted(max_pixels: int, repeats: int) -> dict:
         codec.read_header(data, max_pixels)  # accepted by the service's checks
         rows.append({"file": name, "bytes": len(data), "pixels": side * side,
                      "over_upload_limit": len(data) > upload_limit,
-                     "decode_s": _median_seconds(lambda d=data: codec.decode_image(d, max_pixels), repeats)})
+                     "decode_s": median_seconds(lambda d=data: codec.decode_image(d, max_pixels), repeats)})
     refused = progressive_jpeg_with_scans(pixels, REFUSED_SCANS)
     try:
         codec.read_header(refused, max_pixels)
@@ -141,7 +131,7 @@ def worst_accepted(max_pixels: int, repeats: int) -> dict:
             image.load()
 
     rows.append({"file": f"JPEG progressive, {REFUSED_SCANS} scans (refused: {refused_status})",
-                 "bytes": len(refused), "pixels": side * side, "decode_s": _median_seconds(pillow_decode, 1)})
+                 "bytes": len(refused), "pixels": side * side, "decode_s": median_seconds(pillow_decode, 1)})
     return {"max_pixels": max_pixels, "side": side, "max_upload_bytes": upload_limit, "rows": rows,
             "worst_accepted_s": max(r["decode_s"] for r in rows if "refused" not in r["file"])}
 
@@ -152,13 +142,6 @@ def _model_input(data: bytes) -> np.ndarray:
     header = codec.read_header(data, 40_000_000)
     geometry = ImageGeometry.plan(header.width, header.height, [(224, 224)], "keep_aspect", 16)
     return geometry.prepare(codec.decode_image(data, 40_000_000))
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _busy(seconds: float) -> None:
@@ -173,10 +156,10 @@ def process_pool(requests: int) -> dict:
     with concurrent.futures.ThreadPoolExecutor(2) as threads, \
             concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
         list(pool.map(_model_input, list(cases.values()) * 2))  # start and warm both workers
-        workers = [_rss_mb(p.pid) for p in pool._processes.values()]
+        workers = [status_mb(p.pid) for p in pool._processes.values()]
         for name, data in cases.items():
-            thread_s = _median_seconds(lambda d=data: threads.submit(_model_input, d).result(), requests)
-            pool_s = _median_seconds(lambda d=data: pool.submit(_model_input, d).result(), requests)
+            thread_s = median_seconds(lambda d=data: threads.submit(_model_input, d).result(), requests)
+            pool_s = median_seconds(lambda d=data: pool.submit(_model_input, d).result(), requests)
             rows.append({"upload": name, "bytes": len(data), "thread_ms": 1000 * thread_s, "pool_ms": 1000 * pool_s,
                          "added_ms": 1000 * (pool_s - thread_s), "added_percent": 100 * (pool_s / thread_s - 1)})
         # What a deadline pays: kill the busy worker, then a fresh pool must answer (the executor is

@@ -39,6 +39,7 @@ import time
 import zlib
 from pathlib import Path
 
+from lift_serve.bench.measure import status_mb
 from lift_serve.bench.report import machine_facts, write_report
 from lift_serve.bench.serve_bench import BenchError, ServerProcess, percentile, synthetic_jpegs
 
@@ -129,16 +130,6 @@ def hostile_requests(max_pixels: int, max_images: int) -> list[dict]:
 
 
 # -- measuring ---------------------------------------------------------------------------------------
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 class RssSampler(threading.Thread):
     def __init__(self, pid: int, period_s: float = 0.25):
         super().__init__(daemon=True)
@@ -147,7 +138,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, _rss_mb(self.pid))
+            self.peak = max(self.peak, status_mb(self.pid))
             self._done.wait(self.period_s)
 
     def stop(self) -> float:
@@ -343,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         good = GoodTraffic(server.url, args.size, count=4096)
         print("idle latency ...", flush=True)
         idle = idle_latency(server.url, good, args.idle_requests)
-        rss_start = _rss_mb(pid)
+        rss_start = status_mb(pid)
         sampler = RssSampler(pid)
         sampler.start()
         phases = {}
@@ -359,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
         peak = sampler.stop()
         print(f"quiet: {args.quiet_s:g} s ...", flush=True)
         time.sleep(args.quiet_s)
-        rss_after = _rss_mb(pid)
+        rss_after = status_mb(pid)
         alive = server.process.poll() is None
     good_rows = {phase: _good_rows(result, idle) for phase, result in phases.items()}
     hostile_counts = {r["name"]: dict(outcome["statuses"][r["name"]]) for r in hostile}

@@ -19,10 +19,9 @@ the backbone. JSON goes to ``--out``; a table is printed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
+from lift_serve.bench.measure import median_seconds, status_mb
 from lift_serve.bench.report import machine_facts, write_report
 
 HELP = "CPU latency and peak memory of bilinear, LiFT and UPLiFT at 2x and pixel density"
@@ -37,32 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _peak_growth_mb(work) -> float:
     """MB the peak resident set grew by while ``work()`` ran (NaN where the peak cannot be reset)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return float("nan")
-    before = _status_kb("VmRSS")
+    before = status_mb(field="VmRSS")
     work()
-    return (_status_kb("VmHWM") - before) / 1024
-
-
-def _median_s(work, repeats: int) -> float:
-    work()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+    return status_mb(field="VmHWM") - before
 
 
 def _cases(backbone, lift, uplift, image) -> dict:
@@ -119,7 +101,7 @@ def _measure(args: argparse.Namespace) -> int:
         image = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(side))
         cases = _cases(backbone, lift, uplift, image)
         print(f"{side} px ...", flush=True)
-        timed = {name: _median_s(work, args.repeats) for name, work in cases.items()}
+        timed = {name: median_seconds(work, args.repeats, warmup=True) for name, work in cases.items()}
         for name, work in cases.items():
             rows.append({"size": side, "case": name, "median_ms": 1000 * timed[name],
                          "ratio_to_lift_2x": timed[name] / timed["LiFT 2x"],

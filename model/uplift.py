@@ -147,8 +147,9 @@ class LocalAttender(nn.Module):
         out = None
         for index, (dy, dx) in enumerate(ATTENDER_OFFSETS):
             shifted = padded[:, :, ATTENDER_PAD + dy: ATTENDER_PAD + dy + h, ATTENDER_PAD + dx: ATTENDER_PAD + dx + w]
-            term = shifted[:, :, :, None, :, None] * weights[:, index: index + 1]
-            out = term if out is None else out + term
+            shifted, weight = shifted[:, :, :, None, :, None], weights[:, index: index + 1]
+            # accumulate in place: one output-sized tensor, not a new one per neighbour
+            out = shifted * weight if out is None else out.addcmul_(shifted, weight)
         return out.reshape(b, c, 2 * h, 2 * w)
 
 
