@@ -655,3 +655,30 @@ def test_16_bit_images_are_scaled_without_float_copies():
     expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert np.array_equal(np.asarray(image)[..., 0], expected)
     assert peak / (side * side) < 8, peak / (side * side)
+
+
+def test_a_valid_psd_is_415_naming_the_accepted_formats():
+    """A real Photoshop file (Pillow itself reads it) is outside the allowlist: 415, not 'corrupt'."""
+    import struct
+
+    width, height = 4, 3
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)  # RGB, 8 bits
+    sections = struct.pack(">III", 0, 0, 0)  # no colour data, resources or layers
+    data = header + sections + struct.pack(">H", 0) + bytes(range(3 * width * height))  # raw planes
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PSD" and image.size == (width, height)
+    with pytest.raises(ImageError) as info:
+        decode_image(data, max_pixels=10_000)
+    assert (info.value.status, info.value.code) == (415, "not_an_image") and "PPM" in info.value.message
+
+
+def test_an_allocation_failure_while_decoding_is_413_not_corrupt(monkeypatch):
+    data = encode(blocks(16, 16, seed=17))
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", out_of_memory)
+    with pytest.raises(ImageError) as info:
+        decode_image(data, max_pixels=10_000)
+    assert (info.value.status, info.value.code) == (413, "image_too_large") and "memory" in info.value.message
