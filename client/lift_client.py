@@ -295,6 +295,21 @@ def _matches(response: httpx.Response) -> list[Match]:
     ]
 
 
+Density = tuple[int | None, float | None]  # (iterations, stride): at most one is set
+
+
+def _density(iterations: int | None, stride: float | None) -> Density:
+    """The density a call asks for: ``iterations`` upsampler steps or an explicit ``stride`` (input
+    pixels per feature cell), not both (the server refuses both with 422)."""
+    if iterations is not None and stride is not None:
+        raise ValueError("give iterations or stride, not both")
+    return iterations, stride
+
+
+def _density_params(density: Density) -> dict[str, Any]:
+    return {"iterations": density[0], "stride": density[1]}
+
+
 class _Core:
     """State and request building shared by :class:`LiftClient` and :class:`AsyncLiftClient`."""
 
@@ -305,22 +320,22 @@ class _Core:
         self.retries = retries
         self.max_retry_wait = max_retry_wait
         self.reuse_features = reuse_features
-        self._ids: OrderedDict[tuple[str, int | None], str] = OrderedDict()
+        self._ids: OrderedDict[tuple[str, Density], str] = OrderedDict()
 
     # feature-id memory -----------------------------------------------------------------------
-    def remembered(self, data: bytes, iterations: int | None) -> str | None:
+    def remembered(self, data: bytes, density: Density) -> str | None:
         if not self.reuse_features:
             return None
-        key = (_digest(data), iterations)
+        key = (_digest(data), density)
         fid = self._ids.get(key)
         if fid is not None:
             self._ids.move_to_end(key)
         return fid
 
-    def remember(self, data: bytes, iterations: int | None, feature_id: str | None) -> None:
+    def remember(self, data: bytes, density: Density, feature_id: str | None) -> None:
         if not (self.reuse_features and feature_id):
             return
-        key = (_digest(data), iterations)
+        key = (_digest(data), density)
         self._ids[key] = feature_id
         self._ids.move_to_end(key)
         while len(self._ids) > _ID_MEMORY:
@@ -339,52 +354,53 @@ class _Core:
 
     # request builders ------------------------------------------------------------------------
     @staticmethod
-    def features_call(datas: Sequence[bytes], dtype: str, iterations: int | None) -> _Call:
+    def features_call(datas: Sequence[bytes], dtype: str, density: Density) -> _Call:
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         return _Call(
-            "POST", "/v1/features", {"format": "npy", "dtype": dtype, "iterations": iterations},
+            "POST", "/v1/features", {"format": "npy", "dtype": dtype, **_density_params(density)},
             files=[_file("image", d) for d in datas],
         )
 
     def similarity_call(
         self, image: bytes | None, feature_id: str | None, target: bytes | None, target_id: str | None,
-        x: float, y: float, fmt: str, overlay: bool, alpha: float, iterations: int | None, reuse: bool,
+        x: float, y: float, fmt: str, overlay: bool, alpha: float, density: Density, reuse: bool,
     ) -> _Call:
         if fmt not in ("npy", "png"):
             raise ValueError(f"format must be 'npy' or 'png', got {fmt!r}")
         if image is None and feature_id is None:
             raise ValueError("give an image or a feature_id")
-        params: dict[str, Any] = {"x": x, "y": y, "format": fmt, "iterations": iterations}
+        params: dict[str, Any] = {"x": x, "y": y, "format": fmt, **_density_params(density)}
         if fmt == "png":
             params.update(overlay=overlay, alpha=alpha)
         call = _Call("POST", "/v1/similarity", params)
-        self._attach(call, "image", "feature_id", image, feature_id, iterations, reuse)
+        self._attach(call, "image", "feature_id", image, feature_id, density, reuse)
         if target is not None or target_id is not None:
-            self._attach(call, "target", "target_id", target, target_id, iterations, reuse)
+            self._attach(call, "target", "target_id", target, target_id, density, reuse)
         return call
 
     def match_call(
         self, a: bytes | None, b: bytes | None, feature_id_a: str | None, feature_id_b: str | None,
-        fmt: str, max_matches: int | None, min_score: float | None, iterations: int | None, reuse: bool,
+        fmt: str, max_matches: int | None, min_score: float | None, density: Density, reuse: bool,
     ) -> _Call:
         if fmt not in ("json", "png"):
             raise ValueError(f"format must be 'json' or 'png', got {fmt!r}")
-        params = {"format": fmt, "max_matches": max_matches, "min_score": min_score, "iterations": iterations}
+        params = {"format": fmt, "max_matches": max_matches, "min_score": min_score,
+                  **_density_params(density)}
         call = _Call("POST", "/v1/match", params)
         for name, img, fid in (("a", a, feature_id_a), ("b", b, feature_id_b)):
             if img is None and fid is None:
                 raise ValueError(f"give image {name} or feature_id_{name}")
-            self._attach(call, f"image_{name}", f"feature_id_{name}", img, fid, iterations, reuse)
+            self._attach(call, f"image_{name}", f"feature_id_{name}", img, fid, density, reuse)
         return call
 
     def _attach(self, call: _Call, file_field: str, id_field: str, image: bytes | None, feature_id: str | None,
-                iterations: int | None, reuse: bool) -> None:
+                density: Density, reuse: bool) -> None:
         """Add an image to ``call``: the caller's id, else a remembered id, else the bytes."""
         if feature_id:
             call.data = {**(call.data or {}), id_field: feature_id}
             return
-        remembered = self.remembered(image, iterations) if reuse and image is not None else None
+        remembered = self.remembered(image, density) if reuse and image is not None else None
         if remembered:
             call.data = {**(call.data or {}), id_field: remembered}
             call.reused_ids = True
@@ -392,25 +408,25 @@ class _Core:
             call.files = [*(call.files or []), _file(file_field, image)]  # type: ignore[arg-type]
 
     def learn_similarity(self, response: httpx.Response, image: bytes | None, target: bytes | None,
-                         iterations: int | None) -> None:
+                         density: Density) -> None:
         if image is not None:
-            self.remember(image, iterations, response.headers.get("x-feature-id"))
+            self.remember(image, density, response.headers.get("x-feature-id"))
         if target is not None:
-            self.remember(target, iterations, response.headers.get("x-target-feature-id"))
+            self.remember(target, density, response.headers.get("x-target-feature-id"))
 
     def learn_match(self, response: httpx.Response, a: bytes | None, b: bytes | None,
-                    iterations: int | None) -> None:
+                    density: Density) -> None:
         if a is not None:
-            self.remember(a, iterations, response.headers.get("x-feature-id-a"))
+            self.remember(a, density, response.headers.get("x-feature-id-a"))
         if b is not None:
-            self.remember(b, iterations, response.headers.get("x-feature-id-b"))
+            self.remember(b, density, response.headers.get("x-feature-id-b"))
 
-    def features_array(self, response: httpx.Response, datas: Sequence[bytes], iterations: int | None,
+    def features_array(self, response: httpx.Response, datas: Sequence[bytes], density: Density,
                        many: bool) -> np.ndarray:
         """The descriptors of a ``/v1/features`` answer ([N, C, h, w] if ``many``), each image's id remembered."""
         results = _features_result(response)
         for data, result in zip(datas, results, strict=True):
-            self.remember(data, iterations, result.feature_id)
+            self.remember(data, density, result.feature_id)
         return np.stack([r.array for r in results]) if many else results[0].array
 
     def similarity_result(self, response: httpx.Response, fmt: str) -> np.ndarray | bytes:
@@ -496,33 +512,38 @@ class LiftClient:
         except httpx.TransportError:
             return False
 
-    def extract(self, image: ImageInput, dtype: str = "float32", iterations: int | None = None) -> Features:
+    def extract(self, image: ImageInput, dtype: str = "float32", iterations: int | None = None,
+                stride: float | None = None) -> Features:
         """Descriptors of one image plus the server's mapping info (see :class:`Features`)."""
+        density = _density(iterations, stride)
         data = image_bytes(image)
-        result = _features_result(self._send(self._core.features_call([data], dtype, iterations)))[0]
-        self._core.remember(data, iterations, result.feature_id)
+        result = _features_result(self._send(self._core.features_call([data], dtype, density)))[0]
+        self._core.remember(data, density, result.feature_id)
         return result
 
     def features(self, image: ImageInput | Sequence[ImageInput], dtype: str = "float32",
-                 iterations: int | None = None) -> np.ndarray:
+                 iterations: int | None = None, stride: float | None = None) -> np.ndarray:
         """``POST /v1/features``: dense descriptors.
 
         Args:
             image: one image, or a list/tuple of images sent in one request.
             dtype: ``float32`` or ``float16`` (half the bytes on the wire).
-            iterations: LiFT iterations (None = the bundle's default); stride halves per iteration.
+            iterations: upsampler steps (None = the bundle's default); the stride halves per step.
+            stride: instead of ``iterations``, input pixels per feature cell (e.g. 1 = pixel-dense);
+                a stride between the bundle's own is resampled by the server (see ``/v1/models``).
 
         Returns:
             [C, h, w] for one image, [N, C, h, w] for a list (all images must map to the same
             model input size for the stack; otherwise send them one by one).
         """
+        density = _density(iterations, stride)
         datas, many = _image_list(image)
-        response = self._send(self._core.features_call(datas, dtype, iterations))
-        return self._core.features_array(response, datas, iterations, many)
+        response = self._send(self._core.features_call(datas, dtype, density))
+        return self._core.features_array(response, datas, density, many)
 
     def similarity(self, image: ImageInput | None, x: float, y: float, target: ImageInput | None = None,
                    format: Literal["npy", "png"] = "npy", overlay: bool = True, alpha: float = 0.6,
-                   iterations: int | None = None, feature_id: str | None = None,
+                   iterations: int | None = None, stride: float | None = None, feature_id: str | None = None,
                    target_id: str | None = None) -> np.ndarray | bytes:
         """``POST /v1/similarity``: cosine similarity of the descriptor at (x, y) to every cell.
 
@@ -533,39 +554,43 @@ class LiftClient:
             format: ``npy`` -> [h, w] float32 map on the target's feature grid; ``png`` -> PNG bytes
                 of the colour-mapped map at the target's original size.
             overlay, alpha: PNG only: blend the map over the target image with this opacity.
-            iterations: LiFT iterations (None = the bundle's default).
+            iterations, stride: the density, as for :meth:`features`.
             feature_id, target_id: ids from earlier calls, instead of the images.
         """
+        density = _density(iterations, stride)
         img, tgt = _optional_bytes(image), _optional_bytes(target)
 
         def build(reuse: bool) -> _Call:
             return self._core.similarity_call(img, feature_id, tgt, target_id, x, y, format, overlay, alpha,
-                                              iterations, reuse)
+                                              density, reuse)
 
         response = self._with_fresh_ids(build)
-        self._core.learn_similarity(response, img, tgt, iterations)
+        self._core.learn_similarity(response, img, tgt, density)
         return self._core.similarity_result(response, format)
 
     def match(self, a: ImageInput | None, b: ImageInput | None, max_matches: int | None = None,
-              min_score: float | None = None, iterations: int | None = None,
+              min_score: float | None = None, iterations: int | None = None, stride: float | None = None,
               feature_id_a: str | None = None, feature_id_b: str | None = None) -> list[Match]:
         """``POST /v1/match``: mutual nearest neighbours between two images, best score first.
 
         Coordinates of each :class:`Match` are feature-cell centres in each original image's pixels.
         """
-        return _matches(self._match(a, b, "json", max_matches, min_score, iterations, feature_id_a, feature_id_b))
+        density = _density(iterations, stride)
+        return _matches(self._match(a, b, "json", max_matches, min_score, density, feature_id_a, feature_id_b))
 
     def match_image(self, a: ImageInput | None, b: ImageInput | None, max_matches: int | None = None,
-                    min_score: float | None = None, iterations: int | None = None) -> bytes:
+                    min_score: float | None = None, iterations: int | None = None,
+                    stride: float | None = None) -> bytes:
         """``POST /v1/match?format=png``: PNG of both images side by side with the matches drawn."""
-        return self._match(a, b, "png", max_matches, min_score, iterations, None, None).content
+        density = _density(iterations, stride)
+        return self._match(a, b, "png", max_matches, min_score, density, None, None).content
 
-    def _match(self, a, b, fmt, max_matches, min_score, iterations, fid_a, fid_b) -> httpx.Response:
+    def _match(self, a, b, fmt, max_matches, min_score, density, fid_a, fid_b) -> httpx.Response:
         da, db = _optional_bytes(a), _optional_bytes(b)
         response = self._with_fresh_ids(
-            lambda reuse: self._core.match_call(da, db, fid_a, fid_b, fmt, max_matches, min_score, iterations, reuse)
+            lambda reuse: self._core.match_call(da, db, fid_a, fid_b, fmt, max_matches, min_score, density, reuse)
         )
-        self._core.learn_match(response, da, db, iterations)
+        self._core.learn_match(response, da, db, density)
         return response
 
 
@@ -622,53 +647,60 @@ class AsyncLiftClient:
         except httpx.TransportError:
             return False
 
-    async def extract(self, image: ImageInput, dtype: str = "float32", iterations: int | None = None) -> Features:
+    async def extract(self, image: ImageInput, dtype: str = "float32", iterations: int | None = None,
+                      stride: float | None = None) -> Features:
         """See :meth:`LiftClient.extract`."""
+        density = _density(iterations, stride)
         data = image_bytes(image)
-        result = _features_result(await self._send(self._core.features_call([data], dtype, iterations)))[0]
-        self._core.remember(data, iterations, result.feature_id)
+        result = _features_result(await self._send(self._core.features_call([data], dtype, density)))[0]
+        self._core.remember(data, density, result.feature_id)
         return result
 
     async def features(self, image: ImageInput | Sequence[ImageInput], dtype: str = "float32",
-                       iterations: int | None = None) -> np.ndarray:
+                       iterations: int | None = None, stride: float | None = None) -> np.ndarray:
         """See :meth:`LiftClient.features`: [C, h, w], or [N, C, h, w] for a list."""
+        density = _density(iterations, stride)
         datas, many = _image_list(image)
-        response = await self._send(self._core.features_call(datas, dtype, iterations))
-        return self._core.features_array(response, datas, iterations, many)
+        response = await self._send(self._core.features_call(datas, dtype, density))
+        return self._core.features_array(response, datas, density, many)
 
     async def similarity(self, image: ImageInput | None, x: float, y: float, target: ImageInput | None = None,
                          format: Literal["npy", "png"] = "npy", overlay: bool = True, alpha: float = 0.6,
-                         iterations: int | None = None, feature_id: str | None = None,
+                         iterations: int | None = None, stride: float | None = None, feature_id: str | None = None,
                          target_id: str | None = None) -> np.ndarray | bytes:
         """See :meth:`LiftClient.similarity`: [h, w] float32 map, or PNG bytes."""
+        density = _density(iterations, stride)
         img, tgt = _optional_bytes(image), _optional_bytes(target)
 
         def build(reuse: bool) -> _Call:
             return self._core.similarity_call(img, feature_id, tgt, target_id, x, y, format, overlay, alpha,
-                                              iterations, reuse)
+                                              density, reuse)
 
         response = await self._with_fresh_ids(build)
-        self._core.learn_similarity(response, img, tgt, iterations)
+        self._core.learn_similarity(response, img, tgt, density)
         return self._core.similarity_result(response, format)
 
     async def match(self, a: ImageInput | None, b: ImageInput | None, max_matches: int | None = None,
-                    min_score: float | None = None, iterations: int | None = None,
+                    min_score: float | None = None, iterations: int | None = None, stride: float | None = None,
                     feature_id_a: str | None = None, feature_id_b: str | None = None) -> list[Match]:
         """See :meth:`LiftClient.match`."""
-        return _matches(await self._match(a, b, "json", max_matches, min_score, iterations, feature_id_a,
+        density = _density(iterations, stride)
+        return _matches(await self._match(a, b, "json", max_matches, min_score, density, feature_id_a,
                                           feature_id_b))
 
     async def match_image(self, a: ImageInput | None, b: ImageInput | None, max_matches: int | None = None,
-                          min_score: float | None = None, iterations: int | None = None) -> bytes:
+                          min_score: float | None = None, iterations: int | None = None,
+                          stride: float | None = None) -> bytes:
         """See :meth:`LiftClient.match_image`."""
-        return (await self._match(a, b, "png", max_matches, min_score, iterations, None, None)).content
+        density = _density(iterations, stride)
+        return (await self._match(a, b, "png", max_matches, min_score, density, None, None)).content
 
-    async def _match(self, a, b, fmt, max_matches, min_score, iterations, fid_a, fid_b) -> httpx.Response:
+    async def _match(self, a, b, fmt, max_matches, min_score, density, fid_a, fid_b) -> httpx.Response:
         da, db = _optional_bytes(a), _optional_bytes(b)
         response = await self._with_fresh_ids(
-            lambda reuse: self._core.match_call(da, db, fid_a, fid_b, fmt, max_matches, min_score, iterations, reuse)
+            lambda reuse: self._core.match_call(da, db, fid_a, fid_b, fmt, max_matches, min_score, density, reuse)
         )
-        self._core.learn_match(response, da, db, iterations)
+        self._core.learn_match(response, da, db, density)
         return response
 
 

@@ -5,9 +5,10 @@ Two kinds of entries share one budget:
 * an :class:`Embedding` per image, keyed by :func:`embedding_key` (the SHA-256 of the uploaded bytes,
   resize policy, model input size): the backbone features and the model-input pixels, everything
   the upsampler needs to produce *any* density without the backbone;
-* a :class:`FeatureEntry` per (image, density), keyed by its feature id (:func:`with_iterations`, the
-  embedding key plus ``k<iterations>``): the features at that density, as the runtime returned
-  them (float32), so a cache hit answers bit-identically to a miss.
+* a :class:`FeatureEntry` per (image, density), keyed by its feature id (:func:`with_density`, the
+  embedding key plus ``k<iterations>``, or ``k<iterations>s<stride>`` for an explicit stride): the
+  features at that density as the runtime returned them (float32), resampled for an explicit
+  stride, so a cache hit answers bit-identically to a miss.
 
 A feature id names its image's embedding, so a request with an id and another ``iterations`` is
 answered from the cached embedding with upsampler steps only.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,19 +39,46 @@ def embedding_key(digest: str, geometry: ImageGeometry) -> str:
     return f"{digest[:32]}-{policy}-{geometry.input_height}x{geometry.input_width}"
 
 
-def parse_feature_id(fid: str) -> tuple[str, int] | None:
-    """``(embedding key, iterations)`` of a feature id, or None if it is not one."""
+@dataclasses.dataclass(frozen=True)
+class Density:
+    """The grid a feature entry is on: ``iterations`` upsampler steps, then, when ``stride`` is set,
+    resampled to exactly ``stride`` input pixels per cell (an explicit stride between the steps' own)."""
+
+    iterations: int
+    stride: float | None = None
+
+    @property
+    def label(self) -> str:
+        """``k<iterations>`` or ``k<iterations>s<stride>``: the density part of a feature id."""
+        return f"k{self.iterations}" if self.stride is None else f"k{self.iterations}s{self.stride:.10g}"
+
+
+_DENSITY_LABEL = re.compile(r"k([0-9]{1,2})(?:s([0-9]{1,6}(?:\.[0-9]{1,10})?))?")
+
+
+def parse_feature_id(fid: str) -> tuple[str, Density] | None:
+    """``(embedding key, density)`` of a feature id, or None if it is not one."""
     parts = fid.split("-")
-    if len(parts) != 4 or not parts[1].startswith("k") or not parts[1][1:].isdigit() or len(parts[1]) > 3:
+    found = _DENSITY_LABEL.fullmatch(parts[1]) if len(parts) == 4 else None
+    if found is None:
         return None
-    return f"{parts[0]}-{parts[2]}-{parts[3]}", int(parts[1][1:])
+    stride = float(found.group(2)) if found.group(2) else None
+    if stride is not None and stride <= 0:
+        return None
+    return f"{parts[0]}-{parts[2]}-{parts[3]}", Density(int(found.group(1)), stride)
 
 
-def with_iterations(key: str, iterations: int) -> str:
-    """The feature id of embedding ``key`` at density ``iterations``:
-    ``<sha256 of the bytes, 32 hex>-k<iterations>-<policy>-<H>x<W>``, stable across restarts."""
+def key_input_size(key: str) -> tuple[int, int]:
+    """``(height, width)`` of the model input an embedding key (or feature id) names."""
+    height, width = key.rsplit("-", 1)[1].split("x")
+    return int(height), int(width)
+
+
+def with_density(key: str, density: Density) -> str:
+    """The feature id of embedding ``key`` at ``density``:
+    ``<sha256 of the bytes, 32 hex>-<density label>-<policy>-<H>x<W>``, stable across restarts."""
     digest, policy, size = key.split("-")
-    return f"{digest}-k{iterations}-{policy}-{size}"
+    return f"{digest}-{density.label}-{policy}-{size}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +112,7 @@ class FeatureEntry:
         id: the feature id (cache key).
         features: float32 ``[C, grid_height, grid_width]``.
         geometry: how the original image maps onto the grid.
-        iterations: LiFT rounds used.
+        density: upsampler steps run (``density.iterations``) and the explicit stride, if any.
         image_bytes: the uploaded file, kept to draw overlays later (re-decoded on demand); the same
             object as its embedding's, so it is counted there.
     """
@@ -91,8 +120,12 @@ class FeatureEntry:
     id: str
     features: np.ndarray
     geometry: ImageGeometry
-    iterations: int
+    density: Density
     image_bytes: bytes
+
+    @property
+    def iterations(self) -> int:
+        return self.density.iterations
 
     @functools.cached_property
     def cell_norms(self) -> np.ndarray:

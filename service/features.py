@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,22 +27,38 @@ from lift_serve.service.batcher import (
     QueueFullError,
 )
 from lift_serve.service.cache import (
+    Density,
     Embedding,
     FeatureCache,
     FeatureEntry,
     content_hash,
     embedding_key,
+    key_input_size,
     parse_feature_id,
-    with_iterations,
+    with_density,
 )
 from lift_serve.service.codec import decode_image, read_header
 from lift_serve.service.decode_gate import DecodeGate
 from lift_serve.service.errors import ServiceError
 from lift_serve.service.geometry import ImageGeometry
 from lift_serve.service.metrics import ServiceMetrics
-from lift_serve.service.settings import Settings
+from lift_serve.service.resample import resample_features
+from lift_serve.service.settings import MIB, Settings
 
 logger = logging.getLogger("lift.service")
+
+# One upsampler call's output at most (bytes, float32): a batch at a density whose rows are bigger
+# runs a few rows at a time, so ONNX Runtime's intermediates (a few times the output) stay bounded
+# by one image's, not the batch's. Pixel-dense 448 x 448 x 384 is 308 MB a row: one row a call.
+UPSAMPLE_CHUNK_BYTES = 64 * MIB
+# Defaults when LIFT_CACHE_BYTES / LIFT_MAX_RESPONSE_BYTES are unset: at least this, and at least
+# what the bundle's densest density needs (two images in the cache, one image in an answer).
+DEFAULT_BUDGET_BYTES = 256 * MIB
+_TOLERANCE = 1e-6
+
+
+def _whole(value: float) -> bool:
+    return abs(value - round(value)) <= _TOLERANCE * max(1.0, abs(value))
 
 
 class FeatureService:
@@ -58,8 +75,10 @@ class FeatureService:
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
-        self._check_cache_budget(runtime, settings.cache_bytes)
-        self.cache = FeatureCache(settings.cache_bytes, on_hit=metrics.cache_hits.inc, on_miss=metrics.cache_misses.inc)
+        largest = self._largest_image_bytes(runtime)
+        self.cache_bytes = self._cache_budget(settings.cache_bytes, largest)
+        self.max_response_bytes = settings.max_response_bytes or max(DEFAULT_BUDGET_BYTES, largest.answer)
+        self.cache = FeatureCache(self.cache_bytes, on_hit=metrics.cache_hits.inc, on_miss=metrics.cache_misses.inc)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lift-inference")
         options = dict(max_batch_size=settings.effective_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
                        max_queue=settings.max_queue, timeout_s=settings.request_timeout_s,
@@ -86,37 +105,67 @@ class FeatureService:
         """(backbone features, features at ``iterations``); just the first at density 0, so that a
         batch's rows are not copied twice."""
         coarse = self.runtime.embed(images)
-        return (coarse, self.runtime.upsample(images, coarse, iterations)) if iterations else (coarse,)
+        return (coarse, self._upsample_rows(images, coarse, iterations)) if iterations else (coarse,)
 
     def _upsample(self, batch: tuple[np.ndarray, np.ndarray], iterations: int) -> np.ndarray:
         pixels, coarse = batch
-        return self.runtime.upsample(pixels, coarse, iterations)
+        return self._upsample_rows(pixels, coarse, iterations)
+
+    def _upsample_rows(self, images: np.ndarray, coarse: np.ndarray, iterations: int) -> np.ndarray:
+        """The upsampler on a batch, a few rows a call when a row's output is large
+        (:data:`UPSAMPLE_CHUNK_BYTES`); the rows land in one preallocated array."""
+        h, w = self.runtime.feature_size(images.shape[1], images.shape[2], iterations)
+        row_bytes = self.runtime.channels * h * w * 4
+        per_call = max(1, UPSAMPLE_CHUNK_BYTES // row_bytes)
+        if len(images) <= per_call:
+            return self.runtime.upsample(images, coarse, iterations)
+        out = np.empty((len(images), self.runtime.channels, h, w), np.float32)
+        for start in range(0, len(images), per_call):
+            stop = start + per_call
+            out[start:stop] = self.runtime.upsample(images[start:stop], coarse[start:stop], iterations)
+        return out
+
+    # -- budgets -------------------------------------------------------------------------------------
+    @dataclasses.dataclass(frozen=True)
+    class _ImageBytes:
+        cached: int  # one image in the cache: its embedding and features at the densest density
+        answer: int  # one image's float32 features at the densest density
 
     @staticmethod
-    def _check_cache_budget(runtime, cache_bytes: int) -> None:
-        """Refuse a cache budget that cannot hold one image (0 = caching off is allowed): its
-        embedding and its features at the densest offered density, with their per-cell norms.
+    def _largest_image_bytes(runtime) -> _ImageBytes:
+        cached = answer = 0
+        for height, width in runtime.sizes:
+            ch, cw = runtime.feature_size(height, width, 0)
+            embedding = runtime.channels * ch * cw * 4 + height * width * 3  # coarse features + pixels
+            for k in runtime.iterations:
+                h, w = runtime.feature_size(height, width, k)
+                # Features at density k and their per-cell norms, float32 (an explicit stride's
+                # resampled copy is never larger than the density it comes from).
+                cached = max(cached, embedding + (runtime.channels + 1) * h * w * 4)
+                answer = max(answer, runtime.channels * h * w * 4)
+        return FeatureService._ImageBytes(cached, answer)
 
-        Such a cache would hand out feature ids that are already evicted, so every re-click fails.
+    @staticmethod
+    def _cache_budget(configured: int | None, largest: _ImageBytes) -> int:
+        """The cache budget: ``configured`` (0 = caching off), or when unset the larger of 256 MiB and
+        two images at the densest density (a click's source and target).
+
+        A budget that cannot hold one image is refused: such a cache would hand out feature ids
+        that are already evicted, so every re-click would fail.
         """
-        if cache_bytes <= 0:
-            return
-        largest = max(
-            runtime.channels * ch * cw * 4 + height * width * 3  # embedding: coarse features + pixels
-            + (runtime.channels + 1) * h * w * 4  # features at density k and their norms, float32
-            for height, width in runtime.sizes
-            for ch, cw in [runtime.feature_size(height, width, 0)]
-            for k in runtime.iterations
-            for h, w in [runtime.feature_size(height, width, k)]
-        )
-        if cache_bytes < largest:
+        if configured is None:
+            return max(DEFAULT_BUDGET_BYTES, 2 * largest.cached)
+        if 0 < configured < largest.cached:
             raise ValueError(
-                f"LIFT_CACHE_BYTES={cache_bytes} cannot hold the features of one image (up to {largest} bytes "
-                f"for this bundle); set it to at least {largest * 4} to keep a few images, or 0 to turn caching off"
+                f"LIFT_CACHE_BYTES={configured} cannot hold the features of one image (up to {largest.cached} "
+                f"bytes for this bundle); set it to at least {largest.cached * 4} to keep a few images, 0 to turn "
+                "caching off, or leave it unset to size it from the bundle"
             )
+        return configured
 
+    # -- densities -----------------------------------------------------------------------------------
     def iterations(self, requested: int | None) -> int:
-        """The LiFT iteration count to use (422 if the bundle has no graph for it)."""
+        """The upsampler step count to use (422 if the bundle has no graph for it)."""
         if requested is None:
             return self.runtime.default_iterations
         if requested not in self.runtime.iterations:
@@ -125,22 +174,84 @@ class FeatureService:
                                f"{self.runtime.iterations} (see GET /v1/models)")
         return requested
 
-    def _plan(self, data: bytes) -> tuple[str, ImageGeometry]:
+    def density(self, iterations: int | None, stride: float | None, input_size: tuple[int, int]) -> Density:
+        """The density asked for by ``iterations`` or by an explicit ``stride`` (input pixels per
+        cell) for a model input of ``input_size`` (height, width); neither = the bundle's default.
+
+        A stride equal to an offered density's is that density. Another stride between the finest
+        and the coarsest offered runs the steps of the first density at least as fine and resamples
+        to exactly that stride, which must give whole cells on both sides of the input (422 else).
+        """
+        if stride is None:
+            return Density(self.iterations(iterations))
+        if iterations is not None:
+            raise ServiceError(422, "conflicting_parameters", "send either iterations or stride, not both: "
+                               "stride is input pixels per feature cell, iterations the upsampler steps behind it")
+        if not (math.isfinite(stride) and stride > 0):
+            raise ServiceError(422, "invalid_parameter", f"stride={stride!r} must be a positive number of input "
+                               "pixels per feature cell, e.g. 1 for pixel-dense features")
+        height, width = input_size
+        native = {k: self.runtime.stride(k) for k in self.runtime.iterations}
+        finest, coarsest = min(native.values()), max(native.values())
+        offered = ", ".join(f"{v:g}" for v in sorted(native.values(), reverse=True))
+        if stride < finest * (1 - _TOLERANCE) or stride > coarsest * (1 + _TOLERANCE):
+            raise ServiceError(422, "invalid_parameter",
+                               f"stride={stride:g} is outside this bundle's range: from {coarsest:g} (backbone grid) "
+                               f"to {finest:g} input pixels per cell (its densities: {offered})")
+        for k, value in sorted(native.items()):
+            if abs(value - stride) <= _TOLERANCE * value:
+                return Density(k)
+        if not (_whole(height / stride) and _whole(width / stride)):
+            raise ServiceError(422, "invalid_parameter",
+                               f"stride={stride:g} does not give whole cells on the {height}x{width} model input "
+                               f"({height / stride:.4g} x {width / stride:.4g}); choose a stride that divides both "
+                               f"sides, e.g. one of the bundle's own ({offered})")
+        k = min(k for k, value in native.items() if value <= stride)
+        return Density(k, float(stride))
+
+    def id_density(self, fid: str) -> Density | None:
+        """The density a feature id was issued for (None if it is not a feature id)."""
+        parsed = parse_feature_id(fid)
+        return parsed[1] if parsed else None
+
+    def plan(self, data: bytes) -> tuple[str, ImageGeometry]:
         header = read_header(data, self.settings.max_pixels)
         geometry = ImageGeometry.plan(header.width, header.height, self.runtime.sizes, self.settings.resize_policy,
                                       self.runtime.stride(0))
         return embedding_key(content_hash(data), geometry), geometry
 
+    def planned_cells(self, data: bytes, iterations: int | None, stride: float | None) -> int:
+        """Feature cells an upload gets at the density asked for, from its header alone (no decode)."""
+        _, geometry = self.plan(data)
+        density = self.density(iterations, stride, (geometry.input_height, geometry.input_width))
+        step = density.stride or self.runtime.stride(density.iterations)
+        return round(geometry.input_height / step) * round(geometry.input_width / step)
+
     def _model_input(self, data: bytes, geometry: ImageGeometry):
         return geometry.prepare(decode_image(data, self.settings.max_pixels))
 
-    def _entry(self, embedding: Embedding, iterations: int, features: np.ndarray) -> FeatureEntry:
-        geometry = dataclasses.replace(embedding.geometry, stride=float(self.runtime.stride(iterations)))
-        entry = FeatureEntry(with_iterations(embedding.id, iterations), features, geometry, iterations,
-                             embedding.image_bytes)
+    def _store(self, entry: FeatureEntry) -> FeatureEntry:
         self.cache.put(entry)
         self.metrics.cache_bytes.set(self.cache.bytes_used)
         return entry
+
+    def _native(self, embedding: Embedding, iterations: int, features: np.ndarray) -> FeatureEntry:
+        geometry = dataclasses.replace(embedding.geometry, stride=float(self.runtime.stride(iterations)))
+        density = Density(iterations)
+        return self._store(FeatureEntry(with_density(embedding.id, density), features, geometry, density,
+                                        embedding.image_bytes))
+
+    async def _resampled(self, key: str, native: FeatureEntry, density: Density) -> FeatureEntry:
+        """``native`` (the steps' own grid) resampled to ``density.stride`` (a thread: up to a second
+        at pixel density)."""
+        geometry = dataclasses.replace(native.geometry, stride=float(density.stride))
+        features = await asyncio.to_thread(resample_features, native.features, geometry.grid_height,
+                                           geometry.grid_width)
+        return self._store(FeatureEntry(with_density(key, density), features, geometry, density,
+                                        native.image_bytes))
+
+    async def _finish(self, key: str, native: FeatureEntry, density: Density) -> FeatureEntry:
+        return native if density.stride is None else await self._resampled(key, native, density)
 
     async def _submit(self, batcher: MicroBatcher, payload, iterations: int,
                       is_gone: Callable[[], Awaitable[bool]] | None):
@@ -163,23 +274,26 @@ class FeatureService:
         except ClientGoneError:
             raise ServiceError(499, "client_closed_request", "the client disconnected before inference") from None
 
-    async def _densify(self, embedding: Embedding, iterations: int,
+    async def _densify(self, embedding: Embedding, density: Density,
                        is_gone: Callable[[], Awaitable[bool]] | None) -> FeatureEntry:
-        """Features at ``iterations`` of a cached embedding: upsampler steps only, no backbone."""
-        if iterations == 0:
-            return self._entry(embedding, 0, embedding.coarse)
-        features = await self._submit(self.upsampler, (embedding.pixels, embedding.coarse), iterations, is_gone)
-        return self._entry(embedding, iterations, features)
+        """Features at ``density`` of a cached embedding: upsampler steps only, no backbone."""
+        k = density.iterations
+        features = embedding.coarse if k == 0 else await self._submit(
+            self.upsampler, (embedding.pixels, embedding.coarse), k, is_gone)
+        return await self._finish(embedding.id, self._native(embedding, k, features), density)
 
-    async def from_upload(self, data: bytes, iterations: int,
+    async def from_upload(self, data: bytes, iterations: int | None = None, stride: float | None = None,
                           is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
-        """Features of an uploaded image file: cached features, else the cached embedding plus
-        upsampler steps, else decode, batch, run backbone and upsampler, and cache both."""
-        key, geometry = await asyncio.to_thread(self._plan, data)
-        entry = await self._from_cache(key, iterations, is_gone)
+        """Features of an uploaded image file at the density ``iterations`` or ``stride`` ask for
+        (:meth:`density`): cached features, else the cached embedding plus upsampler steps, else
+        decode, batch, run backbone and upsampler, and cache both."""
+        key, geometry = await asyncio.to_thread(self.plan, data)
+        density = self.density(iterations, stride, (geometry.input_height, geometry.input_width))
+        entry = await self._from_cache(key, density, is_gone)
         if entry is not None:
             return entry
-        batch_key = self.batcher.key((geometry.input_height, geometry.input_width), iterations)
+        k = density.iterations
+        batch_key = self.batcher.key((geometry.input_height, geometry.input_width), k)
         self.batcher.expect(batch_key)  # so that a batch about to close waits for this image's decode
         try:
             async with self.decodes.admit(geometry.width * geometry.height):
@@ -187,38 +301,44 @@ class FeatureService:
         finally:
             self.batcher.unexpect(batch_key)
         # No await between unexpect and the enqueue inside submit: the worker never sees a gap.
-        result = await self._submit(self.batcher, model_input, iterations, is_gone)
+        result = await self._submit(self.batcher, model_input, k, is_gone)
         embedding = Embedding(key, result[0], model_input, geometry, data)
         self.cache.put(embedding)
-        return self._entry(embedding, iterations, result[-1])
+        return await self._finish(key, self._native(embedding, k, result[-1]), density)
 
-    def id_iterations(self, fid: str) -> int | None:
-        """The density a feature id was issued for (None if it is not a feature id)."""
-        parsed = parse_feature_id(fid)
-        return parsed[1] if parsed else None
-
-    async def _from_cache(self, key: str, iterations: int,
+    async def _from_cache(self, key: str, density: Density,
                           is_gone: Callable[[], Awaitable[bool]] | None) -> FeatureEntry | None:
-        """Cached features of embedding ``key`` at ``iterations``, else computed from the cached
-        embedding (upsampler steps only), else None."""
-        entry = self.cache.get(with_iterations(key, iterations))
+        """Cached features of embedding ``key`` at ``density``, else made from what is cached (the
+        steps' own grid resampled, or the embedding plus upsampler steps), else None."""
+        entry = self.cache.get(with_density(key, density))
         if entry is not None:
             return entry
+        if density.stride is not None:
+            native = self.cache.get(with_density(key, Density(density.iterations)), count=False)
+            if native is not None:
+                return await self._resampled(key, native, density)
         embedding = self.cache.get(key, count=False)
-        return None if embedding is None else await self._densify(embedding, iterations, is_gone)
+        return None if embedding is None else await self._densify(embedding, density, is_gone)
 
-    async def from_id(self, fid: str, iterations: int | None = None,
+    async def from_id(self, fid: str, iterations: int | None = None, stride: float | None = None,
                       is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
-        """Features by id: at the id's own density unless ``iterations`` asks for another, which is
-        computed from the cached embedding (upsampler steps only). 404 ``unknown_feature_id`` when
-        neither the features nor the image's embedding is cached."""
+        """Features by id: at the id's own density unless ``iterations`` or ``stride`` asks for
+        another, which is computed from the cached embedding (upsampler steps only). 404
+        ``unknown_feature_id`` when neither the features nor the image's embedding is cached."""
         parsed = parse_feature_id(fid)
         entry = None
         if parsed is not None:
             key, issued = parsed
-            entry = await self._from_cache(key, issued if iterations is None else self.iterations(iterations), is_gone)
+            if iterations is None and stride is None:
+                iterations, stride = request_of(issued)
+            entry = await self._from_cache(key, self.density(iterations, stride, key_input_size(key)), is_gone)
         if entry is None:
             raise ServiceError(404, "unknown_feature_id",
                                f"feature id {fid[:100]!r} is unknown or was evicted from the cache; "
                                "send the image again (the response carries a fresh id)")
         return entry
+
+
+def request_of(density: Density) -> tuple[int | None, float | None]:
+    """``(iterations, stride)`` that ask for ``density`` again (on this image or another)."""
+    return (density.iterations, None) if density.stride is None else (None, density.stride)

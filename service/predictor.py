@@ -55,13 +55,15 @@ class DensePredictor:
     def __init__(self, features: FeatureService):
         self.features = features
 
-    async def embed(self, data: bytes | None, fid: str | None, iterations: int | None,
+    async def embed(self, data: bytes | None, fid: str | None, iterations: int | None = None,
+                    stride: float | None = None,
                     is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
-        """Features of an upload or a feature id at density ``iterations`` (None: the id's own, or the
-        bundle's default for an upload); an id at another density costs only upsampler steps."""
+        """Features of an upload or a feature id at the density ``iterations`` or ``stride`` asks
+        for (neither: the id's own, or the bundle's default for an upload); an id at another
+        density costs only upsampler steps."""
         if fid:
-            return await self.features.from_id(fid, iterations, is_gone)
-        return await self.features.from_upload(data, self.features.iterations(iterations), is_gone)
+            return await self.features.from_id(fid, iterations, stride, is_gone)
+        return await self.features.from_upload(data, iterations, stride, is_gone)
 
     @staticmethod
     def similarity(source: FeatureEntry, x: float, y: float, target: FeatureEntry | None = None) -> Similarity:
@@ -83,7 +85,7 @@ class DensePredictor:
         (ra, ca), (rb, cb) = a.geometry.content_grid, b.geometry.content_grid
         if ra * ca * rb * cb > MAX_MATCH_PAIRS:
             raise PredictionError("too_many_cells", f"{ra * ca} x {rb * cb} cells are too many to match at once; "
-                                  "use fewer LiFT iterations")
+                                  "use fewer iterations or a larger stride")
         # Only cells whose centres lie on the image take part (keep_aspect pads the bottom/right).
         found = mutual_nearest_neighbors(a.features[:, :ra, :ca], b.features[:, :rb, :cb], max_matches, min_score)
         points_a = a.geometry.cell_centers(np.array([m.row_a for m in found]), np.array([m.col_a for m in found]))

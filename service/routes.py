@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from lift_serve.service.cache import FeatureEntry
 from lift_serve.service.codec import ImageError, decode_image, encode_npy, encode_png
 from lift_serve.service.errors import ServiceError, error_body
-from lift_serve.service.features import FeatureService
+from lift_serve.service.features import FeatureService, request_of
 from lift_serve.service.predictor import DensePredictor, Matches
 from lift_serve.service.render import heatmap_png_image, match_png_image
 from lift_serve.service.schemas import (
@@ -86,7 +86,7 @@ PredictorDep = Annotated[DensePredictor, Depends(ready_predictor)]
 # Numbers in the query are read strictly, before FastAPI's lenient parsing (which takes "1_0" as 10,
 # " 5 " as 5, "1.0" as an integer and "nan" or "1e999" as floats): plain decimal digits only.
 INTEGER_PARAMETERS = {"iterations", "max_matches"}
-FLOAT_PARAMETERS = {"x", "y", "alpha", "min_score"}
+FLOAT_PARAMETERS = {"x", "y", "alpha", "min_score", "stride"}
 _INTEGER = re.compile(r"-?[0-9]{1,9}")
 _FLOAT = re.compile(r"-?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][-+]?[0-9]{1,3})?")
 
@@ -235,11 +235,19 @@ def _pick(upload: Upload, request: Request, file_name: str, id_name: str) -> tup
 
 
 async def _entry(predictor: DensePredictor, request: Request, data: bytes | None, fid: str | None,
-                 iterations: int | None, what: str) -> FeatureEntry:
+                 density: tuple[int | None, float | None], what: str) -> FeatureEntry:
+    """Features of one image (``data``, or the feature id ``fid``) at ``density`` = (iterations, stride)."""
     if not fid and not data:
         raise ServiceError(400, "empty_image" if data is not None else "missing_image",
                            f"the {what} image is missing or empty; send it as a multipart file (or its feature id)")
-    return await predictor.embed(data, fid, iterations, request.is_disconnected)
+    return await predictor.embed(data, fid, *density, is_gone=request.is_disconnected)
+
+
+def _density(iterations: int | None, stride: float | None) -> tuple[int | None, float | None]:
+    if iterations is not None and stride is not None:
+        raise ServiceError(422, "conflicting_parameters", "send either iterations or stride, not both: stride is "
+                           "input pixels per feature cell, iterations the upsampler steps behind it")
+    return iterations, stride
 
 
 def _size_text(entry: FeatureEntry) -> tuple[str, str]:
@@ -297,6 +305,11 @@ async def models(state: StateDep, pipeline: PipelineDep):
         "warning": DEMO_WARNING if runtime.demo else None,
         "parameters": {
             "iterations": {"allowed": runtime.iterations, "default": runtime.default_iterations},
+            "stride": {"min": min(runtime.stride(k) for k in runtime.iterations),
+                       "max": max(runtime.stride(k) for k in runtime.iterations),
+                       "rule": "input pixels per cell; an offered density's stride, or any stride in between that "
+                               "gives whole cells on the model input (resampled from the next finer density)"},
+            "max_response_bytes": pipeline.max_response_bytes, "cache_bytes": pipeline.cache_bytes,
             "features.format": ["npy", "json"], "features.dtype": ["float32", "float16"],
             "similarity.format": ["png", "npy", "json"], "similarity.alpha": {"min": 0.0, "max": 1.0, "default": 0.6},
             "similarity.overlay": {"default": False},
@@ -309,8 +322,11 @@ async def models(state: StateDep, pipeline: PipelineDep):
 
 
 # -- features ---------------------------------------------------------------------------------------
-ITERATIONS_QUERY = Query(None, ge=0, le=8, description="LiFT rounds (each doubles the density); one of the "
+ITERATIONS_QUERY = Query(None, ge=0, le=8, description="upsampler steps (each doubles the density); one of the "
                          "bundle's offered values (GET /v1/models), default = the bundle's default", examples=[1])
+STRIDE_QUERY = Query(None, gt=0, le=1024, description="instead of iterations: input pixels per feature cell, e.g. "
+                     "1 for pixel-dense; an offered density's stride, or one between them that gives whole cells "
+                     "(resampled, antialiased bilinear, from the next finer density)", examples=[1])
 
 
 @router.post(
@@ -323,7 +339,7 @@ ITERATIONS_QUERY = Query(None, ge=0, le=8, description="LiFT rounds (each double
         "`X-Image-Size` (original `WxH`), `X-Feature-Id` (comma-separated for several). `json`: "
         '`{"features": [{"id", "shape", "stride", "input_size", "image_size", "geometry", "dtype", "data"}]}` '
         "with `data` nested lists `[C][h][w]`."),
-    dependencies=[only_query("format", "dtype", "iterations")],
+    dependencies=[only_query("format", "dtype", "iterations", "stride")],
     openapi_extra=multipart_doc({"image": "an image file; repeat the field for several"}, {}, raw=True),
     response_model=None,
     responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}, "application/json": {}},
@@ -339,7 +355,9 @@ async def features(
     dtype: Literal["float32", "float16"] = Query("float32", description="descriptor precision in the response",
                                                    examples=["float16"]),
     iterations: int | None = ITERATIONS_QUERY,
+    stride: float | None = STRIDE_QUERY,
 ):
+    density = _density(iterations, stride)
     upload = await read_upload(request, settings, files={"image"}, fields=set(), raw_field="image")
     images = upload.files.get("image", [])
     if not images:
@@ -349,17 +367,12 @@ async def features(
         raise ServiceError(413, "too_many_images", f"{len(images)} images in one request, more than "
                            f"LIFT_MAX_IMAGES_PER_REQUEST={settings.max_images_per_request}; "
                            "send them in several requests")
-    k = pipeline.iterations(iterations)
+    await _check_answer_size(pipeline, images, density, dtype)
     # A request's images enter the queue a batch at a time: with all of them at once, a request with more
     # images than LIFT_MAX_QUEUE would be refused (429) by its own back-pressure, on every retry.
     admit = asyncio.Semaphore(max(1, min(settings.effective_batch_size, settings.max_queue)))
-    entries = await asyncio.gather(*(_numbered_entry(predictor, request, data, k, i, len(images), admit)
+    entries = await asyncio.gather(*(_numbered_entry(predictor, request, data, density, i, len(images), admit)
                                      for i, data in enumerate(images)))
-    answer_bytes = sum(e.features.size for e in entries) * np.dtype(dtype).itemsize
-    if answer_bytes > settings.max_response_bytes:
-        raise ServiceError(422, "response_too_large",
-                           f"the features would take {answer_bytes} bytes, more than LIFT_MAX_RESPONSE_BYTES="
-                           f"{settings.max_response_bytes}; ask for dtype=float16, fewer iterations or fewer images")
     if format == "json":
         total = sum(e.features.size for e in entries)
         if total > MAX_JSON_VALUES:
@@ -385,12 +398,36 @@ async def features(
     return Response(body, media_type=NPY, headers=headers)
 
 
-async def _numbered_entry(predictor: DensePredictor, request: Request, data: bytes, k: int, index: int,
+async def _check_answer_size(pipeline: FeatureService, images: list[bytes],
+                             density: tuple[int | None, float | None], dtype: str) -> None:
+    """422 ``response_too_large`` before any decode or inference when the answer would exceed the
+    limit: each image's grid follows from its header and the density alone."""
+    def cells() -> int:
+        total = 0
+        for index, data in enumerate(images):
+            try:
+                total += pipeline.planned_cells(data, *density)
+            except (ServiceError, ImageError) as exc:
+                if len(images) > 1:
+                    exc.message = f"image {index + 1} of {len(images)} (multipart field 'image' #{index + 1}): " \
+                        f"{exc.message}"
+                raise
+        return total
+    answer_bytes = await asyncio.to_thread(cells) * pipeline.runtime.channels * np.dtype(dtype).itemsize
+    if answer_bytes > pipeline.max_response_bytes:
+        raise ServiceError(422, "response_too_large",
+                           f"the features would take {answer_bytes} bytes, more than LIFT_MAX_RESPONSE_BYTES="
+                           f"{pipeline.max_response_bytes}; ask for dtype=float16, a coarser density (fewer "
+                           "iterations or a larger stride) or fewer images, or raise the limit")
+
+
+async def _numbered_entry(predictor: DensePredictor, request: Request, data: bytes,
+                          density: tuple[int | None, float | None], index: int,
                           count: int, admit: asyncio.Semaphore) -> FeatureEntry:
     """:func:`_entry` for image ``index`` of ``count`` once ``admit`` lets it in; errors name the image."""
     try:
         async with admit:
-            return await _entry(predictor, request, data, None, k, "uploaded")
+            return await _entry(predictor, request, data, None, density, "uploaded")
     except (ServiceError, ImageError) as exc:
         if count > 1:
             exc.message = f"image {index + 1} of {count} (multipart field 'image' #{index + 1}): {exc.message}"
@@ -403,7 +440,7 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
         g = e.geometry.describe()
         items.append({"id": e.id, "shape": list(e.features.shape), "stride": e.geometry.stride,
                       "input_size": g["input_size"], "image_size": g["image_size"], "geometry": g,
-                      "iterations": e.iterations, "dtype": dtype,
+                      "iterations": e.iterations, "density": e.density.label, "dtype": dtype,
                       "data": e.features.astype(dtype).astype(np.float64).tolist()})
     return json.dumps({"features": items}).encode()
 
@@ -420,7 +457,8 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
         "map plus how the grid maps onto the images. Headers `X-Feature-Id` / `X-Target-Feature-Id` let the "
         "next click skip the upload; `X-Query-Cell` is `row,col`; `X-Feature-Stride`, `X-Input-Size` (`HxW`) "
         "and `X-Image-Size` (`WxH`) describe the target's grid as in /v1/features."),
-    dependencies=[only_query("x", "y", "format", "overlay", "alpha", "iterations", "feature_id", "target_id")],
+    dependencies=[only_query("x", "y", "format", "overlay", "alpha", "iterations", "stride", "feature_id",
+                             "target_id")],
     openapi_extra=multipart_doc({"image": "source image (or feature_id)", "target": "optional target image"},
                                 {"feature_id": "id from an earlier response instead of `image`",
                                  "target_id": "id instead of `target`"}, raw=True),
@@ -443,6 +481,7 @@ async def similarity(
                           "RGB PNG of the photo instead of a palette PNG)", examples=[True]),
     alpha: float = Query(0.6, ge=0.0, le=1.0, description="png overlay opacity of the heat map", examples=[0.6]),
     iterations: int | None = ITERATIONS_QUERY,
+    stride: float | None = STRIDE_QUERY,
     feature_id: str | None = Query(None, description="source features from an earlier response (X-Feature-Id)",
                                     examples=["3f7a0c1e9b2d4c5a8e6f1a2b3c4d5e6f-k1-sq-224x224"]),
     target_id: str | None = Query(None, description="target features from an earlier response",
@@ -455,11 +494,11 @@ async def similarity(
     if data is None and not fid:
         raise ServiceError(400, "missing_image", "send the source image (multipart 'image' or a raw image body) "
                            "or the feature_id of an earlier response")
-    source = await _entry(predictor, request, data, fid, iterations, "source")
+    source = await _entry(predictor, request, data, fid, _density(iterations, stride), "source")
     target = source
     if target_data is not None or target_fid:
         # The target is compared at the source's density, whatever density its id was issued for.
-        target = await _entry(predictor, request, target_data, target_fid, source.iterations, "target")
+        target = await _entry(predictor, request, target_data, target_fid, request_of(source.density), "target")
     result = predictor.similarity(source, x, y, target)
     sim, (row, col) = result.map, result.cell
     input_size, image_size = _size_text(target)
@@ -494,7 +533,8 @@ def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha:
         "mapped to each ORIGINAL image's pixels. `json` (default): "
         '`{"matches": [{"a": [x, y], "b": [x, y], "score": s}], "count", "image_a_size", "image_b_size", '
         '"feature_id_a", "feature_id_b"}`; `png`: both images side by side with a line per match.'),
-    dependencies=[only_query("format", "max_matches", "min_score", "iterations", "feature_id_a", "feature_id_b")],
+    dependencies=[only_query("format", "max_matches", "min_score", "iterations", "stride", "feature_id_a",
+                             "feature_id_b")],
     openapi_extra=multipart_doc({"image_a": "first image", "image_b": "second image"},
                                 {"feature_id_a": "id instead of image_a", "feature_id_b": "id instead of image_b"},
                                 raw=False),
@@ -515,6 +555,7 @@ async def match(
     min_score: float = Query(0.0, ge=-1.0, le=1.0, description="drop matches with lower cosine "
                               "similarity", examples=[0.5]),
     iterations: int | None = ITERATIONS_QUERY,
+    stride: float | None = STRIDE_QUERY,
     feature_id_a: str | None = Query(None, description="features of image A from an earlier response",
                                       examples=["3f7a0c1e9b2d4c5a8e6f1a2b3c4d5e6f-k1-sq-224x224"]),
     feature_id_b: str | None = Query(None, description="features of image B from an earlier response",
@@ -527,11 +568,13 @@ async def match(
         if data is None and not fid:
             raise ServiceError(400, "missing_image", f"{name} is missing: send two multipart files 'image_a' and "
                                "'image_b' (or feature_id_a / feature_id_b)")
-    # Both sides at one density: `iterations`, else that of the first feature id sent, else the default.
-    k = iterations
-    if k is None:
-        k = next((pipeline.id_iterations(fid) for data, fid in picks if fid and data is None), None)
-    a, b = await asyncio.gather(*(_entry(predictor, request, data, fid, k, name)
+    # Both sides at one density: `iterations` or `stride`, else that of the first feature id sent, else
+    # the default.
+    density = _density(iterations, stride)
+    if density == (None, None):
+        issued = next((pipeline.id_density(fid) for data, fid in picks if fid and data is None), None)
+        density = request_of(issued) if issued else density
+    a, b = await asyncio.gather(*(_entry(predictor, request, data, fid, density, name)
                                   for (data, fid), name in zip(picks, ("image_a", "image_b"), strict=True)))
     found: Matches = await asyncio.to_thread(predictor.matches, a, b, max_matches, min_score)
     headers = {"X-Feature-Id-A": a.id, "X-Feature-Id-B": b.id}

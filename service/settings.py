@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="requests waiting for inference before answering 429")
     request_timeout_s: float = Field(30.0, gt=0, description="queue + inference time limit per image (504)")
     batching: bool = Field(True, description="false = batch size 1 (for comparisons)")
-    cache_bytes: int = Field(256 * MIB, ge=0, description="feature cache budget in bytes (0 = no cache)")
+    cache_bytes: int | None = Field(None, ge=0, description="feature cache budget in bytes (0 = no cache); unset = "
+                                    "the larger of 256 MiB and two images at the bundle's densest density")
     max_upload_bytes: int = Field(20 * MIB, ge=1, description="largest request body in bytes (413)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413)")
     decode_concurrency: int = Field(2, ge=1, le=64, description="image decodes running at once; more wait")
@@ -41,8 +42,9 @@ class Settings(BaseSettings):
                                      "or waiting; beyond it 503 + Retry-After")
     max_images_per_request: int = Field(64, ge=1, le=1024, description="most images one /v1/features request "
                                         "may carry (413)")
-    max_response_bytes: int = Field(256 * MIB, ge=1, description="largest answer body, e.g. the .npy of many "
-                                    "images (422 naming the limit)")
+    max_response_bytes: int | None = Field(None, ge=1, description="largest /v1/features answer, checked before "
+                                           "any inference (422 naming the limit); unset = the larger of 256 MiB "
+                                           "and one image's float32 features at the bundle's densest density")
     resize_policy: Literal["square", "keep_aspect"] = "square"
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")

@@ -105,6 +105,19 @@ def test_features_shape_dtype_and_density(client):
     np.testing.assert_allclose(half.astype(np.float32), f1, atol=2e-2 * float(np.abs(f1).max()))
 
 
+def test_stride_asks_for_a_density_by_its_cell_size(client):
+    image = textured(64, 64, seed=2)
+    np.testing.assert_array_equal(client.features(image, stride=8), client.features(image, iterations=1))
+    assert client.features(image, stride=12.8).shape == (32, 5, 5)  # resampled between 16 and 8
+    assert client.extract(image, stride=12.8).stride == 12.8
+    assert client.similarity(image, 30, 30, stride=12.8).shape == (5, 5)
+    assert client.match(image, textured(64, 64, seed=3), stride=12.8)
+    with pytest.raises(ValueError, match="iterations or stride, not both"):
+        client.features(image, iterations=1, stride=8)
+    with pytest.raises(LiftAPIError, match="whole cells"):
+        client.features(image, stride=10)
+
+
 def test_every_image_kind_gives_the_same_features(client, tmp_path):
     array = textured(60, 80, seed=2)
     path = tmp_path / "img.png"

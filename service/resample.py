@@ -1,0 +1,77 @@
+"""Feature maps at an exact grid size: separable antialiased bilinear resampling in NumPy.
+
+The service answers an explicit ``stride`` by running the upsampler to the first density at least
+as fine and resampling its ``[C, h, w]`` output to the asked grid. The filter is the one PyTorch's
+``F.interpolate(mode="bilinear", antialias=True, align_corners=False)`` applies (Pillow's: a
+triangle whose support widens with the downscale factor, weights renormalised at the borders), so
+the service matches what :func:`lift_serve.model.uplift.resize_features` computes in PyTorch (and
+the UPLiFT authors' ``outsize``) without importing torch.
+
+Written here because no NumPy-level library offers that filter on a many-channel float array:
+Pillow has it, but one single-channel ``F`` image per channel means hundreds of copies. Each output
+row mixes only a few input rows (a band), so the weights are kept as ``(index, weight)`` taps per
+output row instead of a dense matrix (a dense ``[out, in]`` matmul would cost 100x more at 512 px).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Channels resampled at a time: bounds the temporary of a gather to a slice of the map.
+CHANNEL_CHUNK = 32
+
+
+def bilinear_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, weights)``, each ``[out_size, taps]``: output ``i`` = sum over taps of
+    ``weights[i, t] * input[indices[i, t]]`` (unused taps have weight 0 and a valid index)."""
+    if out_size < 1 or in_size < 1:
+        raise ValueError(f"sizes must be positive, got {out_size} from {in_size}")
+    scale = in_size / out_size
+    support = max(scale, 1.0)  # the triangle's half-width, in input samples
+    inverse = 1.0 / support
+    taps = int(math.ceil(support)) * 2 + 1
+    indices = np.zeros((out_size, taps), np.int64)
+    weights = np.zeros((out_size, taps), np.float64)
+    for i in range(out_size):
+        centre = scale * (i + 0.5)
+        first = max(int(centre - support + 0.5), 0)
+        stop = min(int(centre + support + 0.5), in_size)
+        j = np.arange(first, stop)
+        w = np.clip(1.0 - np.abs((j - centre + 0.5) * inverse), 0.0, None)
+        total = w.sum()
+        indices[i, : len(j)] = j
+        weights[i, : len(j)] = w / total if total > 0 else w
+    return indices, weights
+
+
+def _resample_axis(features: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    indices, weights = bilinear_taps(out_size, features.shape[axis])
+    shape = list(features.shape)
+    shape[axis] = out_size
+    out = np.zeros(shape, np.float32)
+    view = [1] * features.ndim
+    view[axis] = out_size
+    for start in range(0, features.shape[0], CHANNEL_CHUNK):
+        block, target = features[start:start + CHANNEL_CHUNK], out[start:start + CHANNEL_CHUNK]
+        for t in range(indices.shape[1]):
+            w = weights[:, t]
+            if not w.any():
+                continue
+            target += np.take(block, indices[:, t], axis=axis) * w.astype(np.float32).reshape(view)
+    return out
+
+
+def resample_features(features: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 ``[C, height, width]`` from ``[C, h, w]``; the array itself when the size already matches."""
+    if features.ndim != 3:
+        raise ValueError(f"features must be [C, h, w], got shape {list(features.shape)}")
+    if features.shape[1:] == (height, width):
+        return features
+    out = features
+    if out.shape[1] != height:
+        out = _resample_axis(out, 1, height)
+    if out.shape[2] != width:
+        out = _resample_axis(out, 2, width)
+    return out
