@@ -7,7 +7,10 @@ weights, PyTorch eager on the CPU, batch 1, no gradients:
 * ``backbone``: the backbone's features (stride 16), for scale;
 * ``bilinear pixel-dense``: those features resized bilinearly to S x S;
 * ``LiFT 2x`` (1 round) and ``LiFT pixel-dense`` (4 rounds, iterated as the LiFT authors do);
-* ``UPLiFT 2x`` (1 step) and ``UPLiFT pixel-dense`` (4 steps, the encoder once).
+* ``UPLiFT 2x`` (1 step) and ``UPLiFT pixel-dense`` (4 steps, the encoder once);
+* ``resample to stride 1``: what the service adds for ``stride=1`` on a patch-14 bundle, whose 4
+  steps give 16/14 cells a pixel: its NumPy antialiased resampling of a ``[C, 16S/14, 16S/14]``
+  map to ``S x S`` (``service/resample.py``).
 
 Each is timed as the median of ``--repeats`` runs after one warm-up; latencies are also given as
 ratios to ``LiFT 2x`` of the same size, measured in the same run (the machine is shared). Peak
@@ -49,10 +52,15 @@ def _peak_growth_mb(work) -> float:
 
 def _cases(backbone, lift, uplift, image) -> dict:
     """Name -> the work of one case on ``image`` (the backbone's features computed once here)."""
+    import numpy as np
     import torch.nn.functional as F
+    from lift_serve.service.resample import resample_features
 
     features = backbone(image)
     side = image.shape[-1]
+    patch14_cells = side * 16 // 14
+    patch14_dense = np.random.default_rng(side).standard_normal(
+        (features.shape[1], patch14_cells, patch14_cells), dtype=np.float32)
 
     def lift_rounds(rounds: int):
         guide, x = lift.prepare(image), features
@@ -68,7 +76,12 @@ def _cases(backbone, lift, uplift, image) -> dict:
         "LiFT pixel-dense": lambda: lift_rounds(4),
         "UPLiFT 2x": lambda: uplift(image, features, 1),
         "UPLiFT pixel-dense": lambda: uplift(image, features, 4),
+        "resample to stride 1": lambda: resample_features(patch14_dense, side, side),
     }
+
+
+def _elements(result) -> int:
+    return int(result.numel()) if hasattr(result, "numel") else int(result.size)  # tensor or ndarray
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +119,7 @@ def _measure(args: argparse.Namespace) -> int:
             rows.append({"size": side, "case": name, "median_ms": 1000 * timed[name],
                          "ratio_to_lift_2x": timed[name] / timed["LiFT 2x"],
                          "peak_growth_mb": _peak_growth_mb(work),
-                         "output_mb": work().numel() * 4 / 2**20})
+                         "output_mb": _elements(work()) * 4 / 2**20})
     result = {"backbone": args.backbone, "channels": channels, "threads": torch.get_num_threads(),
               "repeats": args.repeats, "machine": machine_facts(), "rows": rows}
     lines = [f"{'size':>5} {'case':<22} {'ms':>9} {'x LiFT 2x':>9} {'peak MB':>8} {'output MB':>9}"]

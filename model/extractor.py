@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from lift_serve.model.backbone import ViTBackbone
 from lift_serve.model.lift import LiFT
+from lift_serve.model.uplift import resize_features
 from torch import nn
 
 UPSAMPLE_MODES = ("lift", "bilinear")
@@ -59,6 +60,9 @@ class DenseExtractor(nn.Module):
             ``upsample="lift"``, k must be 0 (backbone only).
         upsample: ``"lift"`` (default) or ``"bilinear"``, the baseline that bilinearly resizes the
             backbone features to the same size LiFT would produce.
+        out_size: an exact ``(height, width)`` feature grid: the k steps' output is then resized to
+            it (bilinear, antialiased; the UPLiFT authors' ``outsize``), e.g. the image's own size
+            for a patch-14 backbone, whose 4 steps give 16/14 cells a pixel. None = the steps' grid.
     """
 
     def __init__(
@@ -67,8 +71,11 @@ class DenseExtractor(nn.Module):
         lift: LiFT | None = None,
         lift_iterations: int = 1,
         upsample: str = "lift",
+        out_size: tuple[int, int] | None = None,
     ):
         super().__init__()
+        if out_size is not None and (len(out_size) != 2 or min(out_size) < 1):
+            raise ValueError(f"out_size must be a (height, width) of positive ints, got {out_size!r}")
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         if lift_iterations < 0:
@@ -84,6 +91,7 @@ class DenseExtractor(nn.Module):
         self.lift = lift
         self.lift_iterations = lift_iterations
         self.upsample = upsample
+        self.out_size = None if out_size is None else (int(out_size[0]), int(out_size[1]))
         self.preprocessing = Preprocessing(backbone.mean, backbone.std, backbone.patch_size)
 
     @property
@@ -101,17 +109,19 @@ class DenseExtractor(nn.Module):
         return self.backbone.patch_size / self.scale
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.out_size is not None:
+            return self.out_size
         p = self.backbone.patch_size
         return height // p * self.scale, width // p * self.scale
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] normalised image -> [B,C,2^k H/P, 2^k W/P] features."""
+        """[B,3,H,W] normalised image -> [B,C,2^k H/P, 2^k W/P] features (or ``out_size``)."""
         features = self.backbone(image)
-        if self.lift_iterations == 0:
-            return features
-        if self.upsample == "bilinear":
-            return F.interpolate(features, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return self.run_upsampler(image, features, self.lift_iterations)
+        if self.lift_iterations and self.upsample == "bilinear":
+            features = F.interpolate(features, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        elif self.lift_iterations:
+            features = self.run_upsampler(image, features, self.lift_iterations)
+        return features if self.out_size is None else resize_features(features, self.out_size)
 
     def run_upsampler(self, image: torch.Tensor, features: torch.Tensor, steps: int) -> torch.Tensor:
         """``steps`` upsampler rounds on backbone ``features`` of normalised ``image``: the chain the

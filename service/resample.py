@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-# Channels resampled at a time: bounds the temporary of a gather to a slice of the map.
-CHANNEL_CHUNK = 32
+# Channels resampled at a time: the temporaries stay a few MB (cache-sized), whatever the map.
+CHANNEL_CHUNK = 8
 
 
 def bilinear_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,32 +46,41 @@ def bilinear_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray]:
     return indices, weights
 
 
-def _resample_axis(features: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    indices, weights = bilinear_taps(out_size, features.shape[axis])
-    shape = list(features.shape)
-    shape[axis] = out_size
+def _apply_taps(block: np.ndarray, axis: int, taps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    indices, weights = taps
+    shape = list(block.shape)
+    shape[axis] = indices.shape[0]
     out = np.zeros(shape, np.float32)
-    view = [1] * features.ndim
-    view[axis] = out_size
-    for start in range(0, features.shape[0], CHANNEL_CHUNK):
-        block, target = features[start:start + CHANNEL_CHUNK], out[start:start + CHANNEL_CHUNK]
-        for t in range(indices.shape[1]):
-            w = weights[:, t]
-            if not w.any():
-                continue
-            target += np.take(block, indices[:, t], axis=axis) * w.astype(np.float32).reshape(view)
+    view = [1] * block.ndim
+    view[axis] = indices.shape[0]
+    for t in range(indices.shape[1]):
+        w = weights[:, t]
+        if w.any():
+            gathered = np.take(block, indices[:, t], axis=axis)
+            gathered *= w.astype(np.float32).reshape(view)
+            out += gathered
     return out
 
 
 def resample_features(features: np.ndarray, height: int, width: int) -> np.ndarray:
-    """float32 ``[C, height, width]`` from ``[C, h, w]``; the array itself when the size already matches."""
+    """float32 ``[C, height, width]`` from ``[C, h, w]``; the array itself when the size already matches.
+
+    Both axes are done a few channels at a time (:data:`CHANNEL_CHUNK`), so the only full-size
+    array made is the answer.
+    """
     if features.ndim != 3:
         raise ValueError(f"features must be [C, h, w], got shape {list(features.shape)}")
-    if features.shape[1:] == (height, width):
+    channels, h, w = features.shape
+    if (h, w) == (height, width):
         return features
-    out = features
-    if out.shape[1] != height:
-        out = _resample_axis(out, 1, height)
-    if out.shape[2] != width:
-        out = _resample_axis(out, 2, width)
+    rows = bilinear_taps(height, h) if h != height else None
+    cols = bilinear_taps(width, w) if w != width else None
+    out = np.empty((channels, height, width), np.float32)
+    for start in range(0, channels, CHANNEL_CHUNK):
+        block = features[start:start + CHANNEL_CHUNK]
+        if rows is not None:
+            block = _apply_taps(block, 1, rows)
+        if cols is not None:
+            block = _apply_taps(block, 2, cols)
+        out[start:start + CHANNEL_CHUNK] = block
     return out

@@ -55,10 +55,11 @@ def test_the_upsampler_benchmark_times_every_case(tmp_path):
     assert cli.main(["bench", "upsamplers", "--sizes", "32", "--repeats", "1", "--out", str(out)]) == 0
     rows = {row["case"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"backbone", "bilinear pixel-dense", "LiFT 2x", "LiFT pixel-dense", "UPLiFT 2x",
-                         "UPLiFT pixel-dense"}
+                         "UPLiFT pixel-dense", "resample to stride 1"}
     assert rows["LiFT 2x"]["ratio_to_lift_2x"] == 1.0 and all(r["median_ms"] > 0 for r in rows.values())
     pixel_dense_mb = 384 * 32 * 32 * 4 / 2**20  # [1, 384, 32, 32] float32: the image's own pixels
     assert rows["UPLiFT pixel-dense"]["output_mb"] == rows["bilinear pixel-dense"]["output_mb"] == pixel_dense_mb
+    assert rows["resample to stride 1"]["output_mb"] == pixel_dense_mb
 
 
 def test_benchmarks_run_in_process_leave_torch_as_they_found_it(tmp_path):

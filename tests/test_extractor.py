@@ -17,6 +17,19 @@ def test_output_sizes_lift_and_bilinear(tiny_backbone, tiny_lift, iterations, gr
     assert DenseExtractor(tiny_backbone, tiny_lift, iterations).stride == 16 / 2**iterations
 
 
+def test_an_exact_output_size_resizes_the_steps_output(tiny_backbone, tiny_lift):
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        steps = DenseExtractor(tiny_backbone, tiny_lift, 2)(image)  # 16 x 24
+        exact = DenseExtractor(tiny_backbone, tiny_lift, 2, out_size=(20, 30))
+        expected = torch.nn.functional.interpolate(steps, size=(20, 30), mode="bilinear", align_corners=False,
+                                                   antialias=True)
+        torch.testing.assert_close(exact(image), expected)
+    assert exact.output_size(64, 96) == (20, 30)
+    with pytest.raises(ValueError, match="out_size must be a"):
+        DenseExtractor(tiny_backbone, tiny_lift, 1, out_size=(0, 3))
+
+
 def test_no_lift_means_backbone_only(tiny_backbone):
     extractor = DenseExtractor(tiny_backbone, None, 2)
     image = torch.randn(1, 3, 64, 64)

@@ -155,6 +155,16 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     offered = [o.get_attribute("value") for o in driver.find_element("id", "iterations")
                .find_elements("tag name", "option")]
     assert offered == ["0", "1"]
+    # A patch-14 bundle's steps pass one pixel a cell (14 -> 0.875): the page adds stride 1.
+    strides = {"0": 14, "1": 7, "2": 3.5, "3": 1.75, "4": 0.875}
+    patch14 = {"model": {"strides": strides}, "parameters": {"iterations": {"allowed": [0, 1, 2, 3, 4], "default": 4}}}
+    choices = driver.execute_script("return densityChoices(arguments[0]).choices", patch14)
+    assert [c["value"] for c in choices] == ["0", "1", "2", "3", "4", "s1"]
+    assert choices[-1]["params"] == {"stride": 1} and choices[4]["params"] == {"iterations": 4}
+    assert "0.875 px" in choices[4]["label"]
+    patch16 = {"model": {"strides": {str(k): 16 / 2**k for k in range(5)}},
+               "parameters": {"iterations": {"allowed": [0, 1, 2, 3, 4], "default": 4}}}
+    assert len(driver.execute_script("return densityChoices(arguments[0]).choices", patch16)) == 5
 
     # Upload an image; it is sent once and shown.
     a = _save_png(_picture(120, 160, seed=1), tmp_path / "a.png")

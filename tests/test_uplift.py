@@ -280,6 +280,21 @@ def test_train_export_serve_an_uplift_round_trip(tmp_path):
         click = client.post("/v1/similarity", params={"x": 30, "y": 20, "feature_id": r.headers["x-feature-id"],
                                                       "format": "npy"})
         assert click.status_code == 200 and np.load(io.BytesIO(click.content)).shape == (16, 24)
+        # An explicit stride between the offered 16 and 4: 2 steps, resampled to 8 x 12 cells.
+        coarser = client.post("/v1/features?stride=8", files={"image": ("a.png", buffer.getvalue())})
+        assert coarser.status_code == 200 and coarser.headers["x-feature-shape"] == "64,8,12"
+
+    # fp16: the same checks at every density, and the half-precision features agree with fp32's.
+    half = export_bundle(tmp_path / "bundle16", None, resumed.checkpoint, lift_iterations=(0, 2), sizes=sizes,
+                         precision="fp16")
+    manifest16 = json.loads((half / "manifest.json").read_text())
+    assert manifest16["onnx"]["precision"] == "fp16" and manifest16["output"]["dtype"] == "float16"
+    assert {(tuple(c["size"]), c["iterations"]) for c in manifest16["parity"]["cases"]} >= checked
+    assert manifest16["parity"]["min_cosine"] >= manifest16["parity"]["min_cosine_required"]
+    pixels = np.random.default_rng(7).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    full, reduced = runtime.run(pixels, 2), BundleRuntime(half, providers="cpu").run(pixels, 2)
+    cosine = (full * reduced).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(reduced, axis=1)
+    assert reduced.shape == full.shape == (1, 64, 16, 24) and cosine.min() > 0.999
 
 
 def test_a_released_uplift_file_exports_with_the_backbone_named(tmp_path, capsys):

@@ -19,7 +19,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   models: null,
-  iterations: null, // null = the server's default
+  density: null, // {iterations} or {stride}; null = the server's default
   mode: "similarity",
   images: { a: null, b: null }, // {file, url, width, height, id}: one feature id serves every density
   inflight: false,
@@ -156,6 +156,23 @@ function strideFor(models, k) {
   return strides[k] ?? strides[String(k)] ?? null;
 }
 
+function densityChoices(models) {
+  // [{value, label, params}]: every offered iteration count, plus "stride 1" (pixel-dense, resampled
+  // by the server) when the bundle's steps pass one pixel a cell without landing on it (patch 14).
+  const { values, def } = iterationChoices(models);
+  const choices = values.map((k) => {
+    const stride = strideFor(models, k);
+    const px = stride ? ` · ${Number(stride).toPrecision(3).replace(/\.?0+$/, "")} px` : "";
+    const label = k === 0 ? `0 (backbone only${px})` : `${k} (${2 ** k}× denser${px})`;
+    return { value: String(k), label, params: { iterations: k } };
+  });
+  const strides = values.map((k) => Number(strideFor(models, k))).filter((s) => s > 0);
+  if (strides.length && Math.min(...strides) < 1 && Math.max(...strides) > 1 && !strides.includes(1)) {
+    choices.push({ value: "s1", label: "pixel-dense (stride 1, resampled)", params: { stride: 1 } });
+  }
+  return { choices, def: def === null ? null : String(def) };
+}
+
 function describeModel(models) {
   const m = models.model || {};
   const backbone = m.backbone || {};
@@ -198,28 +215,34 @@ async function loadModels() {
       $("demo-warning").textContent = models.warning;
       $("demo-warning").hidden = false;
     }
-    const { values, def } = iterationChoices(models);
+    const { choices, def } = densityChoices(models);
+    state.densities = choices;
     const select = $("iterations");
     select.innerHTML = "";
-    for (const k of values) {
+    for (const choice of choices) {
       const option = document.createElement("option");
-      option.value = String(k);
-      option.textContent = k === 0 ? "0 (backbone only)" : `${k} (${2 ** k}× denser)`;
+      option.value = choice.value;
+      option.textContent = choice.label;
       select.appendChild(option);
     }
-    select.disabled = values.length < 2;
-    if (def !== null && values.includes(def)) select.value = String(def);
-    state.iterations = values.length ? Number(select.value) : null;
-    showStride();
+    select.disabled = choices.length < 2;
+    if (def !== null && choices.some((c) => c.value === def)) select.value = def;
+    chooseDensity(select.value);
   } catch (err) {
     $("model-info").textContent = "model information unavailable";
     showError(err);
   }
 }
 
-function showStride() {
-  const stride = strideFor(state.models, state.iterations);
+function chooseDensity(value) {
+  const choice = (state.densities || []).find((c) => c.value === value);
+  state.density = choice ? choice.params : null;
+  const stride = !choice ? null : choice.params.stride ?? strideFor(state.models, choice.params.iterations);
   $("stride-info").textContent = stride ? `(one descriptor per ${stride} px of model input)` : "";
+}
+
+function densityParams() {
+  return state.density || {};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,7 +334,7 @@ async function register(image) {
   // backbone features and runs only the upsampler for another density).
   const body = new FormData();
   body.append("image", image.file, image.file.name || "image");
-  const url = `v1/features?${query({ format: "npy", dtype: "float16", iterations: state.iterations })}`;
+  const url = `v1/features?${query({ format: "npy", dtype: "float16", ...densityParams() })}`;
   const response = await api(url, { method: "POST", body });
   await response.arrayBuffer(); // only the headers matter here
   const id = (response.headers.get("X-Feature-Id") || "").split(",")[0].trim();
@@ -435,7 +458,7 @@ async function showSimilarity({ slot, x, y }) {
     const body = new FormData();
     body.append("feature_id", await featureId(source));
     if (target !== source) body.append("target_id", await featureId(target));
-    const params = { x, y, format: "png", overlay: false, iterations: state.iterations };
+    const params = { x, y, format: "png", overlay: false, ...densityParams() };
     return api(`v1/similarity?${query(params)}`, { method: "POST", body });
   });
   const blob = await response.blob();
@@ -543,7 +566,7 @@ async function runMatches() {
         format: "json",
         max_matches: $("max-matches").value || null,
         min_score: $("min-score").value,
-        iterations: state.iterations,
+        ...densityParams(),
       };
       return api(`v1/match?${query(params)}`, { method: "POST", body });
     });
@@ -659,8 +682,7 @@ function bindControls() {
     for (const slot of ["a", "b"]) $(`heat-${slot}`).style.opacity = String(e.target.value / 100);
   });
   $("iterations").addEventListener("change", (e) => {
-    state.iterations = Number(e.target.value);
-    showStride();
+    chooseDensity(e.target.value);
     const last = state.lastClick;
     clearMaps();
     if (state.mode === "matches") runMatches();
