@@ -144,13 +144,34 @@ class LocalAttender(nn.Module):
         b, c, h, w = values.shape
         weights = self.weights(guide).reshape(b, len(ATTENDER_OFFSETS), h, 2, w, 2)
         padded = F.pad(values, (ATTENDER_PAD,) * 4, mode="replicate")
+        shifted = [padded[:, :, ATTENDER_PAD + dy: ATTENDER_PAD + dy + h, ATTENDER_PAD + dx: ATTENDER_PAD + dx + w]
+                   for dy, dx in ATTENDER_OFFSETS]
+        if torch.onnx.is_in_onnx_export():
+            return self._exportable(shifted, weights).reshape(b, c, 2 * h, 2 * w)
         out = None
-        for index, (dy, dx) in enumerate(ATTENDER_OFFSETS):
-            shifted = padded[:, :, ATTENDER_PAD + dy: ATTENDER_PAD + dy + h, ATTENDER_PAD + dx: ATTENDER_PAD + dx + w]
-            shifted, weight = shifted[:, :, :, None, :, None], weights[:, index: index + 1]
+        for index, neighbour in enumerate(shifted):
+            neighbour, weight = neighbour[:, :, :, None, :, None], weights[:, index: index + 1]
             # accumulate in place: one output-sized tensor, not a new one per neighbour
-            out = shifted * weight if out is None else out.addcmul_(shifted, weight)
+            out = neighbour * weight if out is None else out.addcmul_(neighbour, weight)
         return out.reshape(b, c, 2 * h, 2 * w)
+
+    @staticmethod
+    def _exportable(shifted: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """The same sums for the ONNX graph, ``[B, C, h, 2, w, 2]``: one ``[B, C, h, w]`` accumulator
+        per sub-cell position, then two stacks. An exported in-place accumulation into the strided
+        view becomes scatters whose temporaries ONNX Runtime keeps alive together (7 GB for one
+        448 x 448 pixel-dense step); this keeps the step's memory a few times its output."""
+        rows = []
+        for y in (0, 1):
+            columns = []
+            for x in (0, 1):
+                acc = None
+                for index, neighbour in enumerate(shifted):
+                    term = neighbour * weights[:, index: index + 1, :, y, :, x]
+                    acc = term if acc is None else acc + term
+                columns.append(acc)
+            rows.append(torch.stack(columns, dim=-1))  # [B, C, h, w, 2]
+        return torch.stack(rows, dim=3)  # [B, C, h, 2, w, 2]
 
 
 class UPLiFT(nn.Module):
