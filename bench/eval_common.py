@@ -244,7 +244,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_checkpoint_argument(parser)
     parser.add_argument("--bundle", default=None, metavar="DIR",
-                        help="evaluate an exported ONNX bundle instead of PyTorch weights")
+                        help="evaluate an exported ONNX bundle instead of PyTorch weights (a directory or "
+                             "hf://ORG/NAME[@REVISION][/PATH])")
     add_backbone_arguments(parser)
 
 
@@ -260,12 +261,15 @@ def open_feature_source(args: argparse.Namespace):
     With our ``.safetensors`` checkpoint the backbone comes from its sidecar (the backbone options
     are ignored); otherwise (no checkpoint, or an authors' ``.pth``) from the backbone options.
     """
+    from lift_serve.hub.refs import resolve_directory
     from lift_serve.model.backbone import BackboneSpec
-    from lift_serve.model.options import backbone_spec_dict
+    from lift_serve.model.options import backbone_spec_dict, resolve_checkpoint_option
 
     if args.bundle and args.checkpoint:
         raise EvalError("pass either --checkpoint or --bundle, not both")
+    resolve_checkpoint_option(args)
     if args.bundle:
+        args.bundle = str(resolve_directory(args.bundle))
         if not Path(args.bundle).is_dir():
             raise EvalError(f"bundle directory {args.bundle} does not exist; export one with `lift export`")
         return BundleFeatureSource(args.bundle)

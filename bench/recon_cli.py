@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from lift_serve.model.options import add_backbone_arguments, backbone_spec_unless_sidecar
+from lift_serve.model.options import add_backbone_arguments, backbone_spec_unless_sidecar, resolve_checkpoint_option
 
 HELP = "reconstruction cosine distance (paper Eq. 1) of LiFT vs bilinear/nearest upsampling on held-out images"
 
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from lift_serve.training.trainer import TrainError, check_imsize_for_patch
 
     scan = scan_image_folder(args.data)  # fail on a bad folder before loading any model
+    resolve_checkpoint_option(args)
     backbone, lift, meta = load_backbone_and_lift(backbone_spec_unless_sidecar(args), args.checkpoint)
     imsize = args.imsize or (meta.image_size if meta and meta.image_size else 448)
     check_imsize_for_patch(imsize, backbone.patch_size)

@@ -170,6 +170,9 @@ class Manifest(_Strict):
     format_version: Literal[2]
     created: StrictStr
     demo: StrictBool = Field(description="an untrained demo bundle: its features are meaningless")
+    random_weights: list[Literal["backbone", "upsampler"]] = Field(
+        default_factory=list, description="parts whose weights are random or untrained (the service warns as for "
+        "a demo bundle); bundles made before this field existed read as []")
     backbone: BackboneInfo
     upsampler: UpsamplerInfo | None = Field(description="null: backbone features only (iterations [0])")
     iterations: Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_STEPS_LIMIT)]],

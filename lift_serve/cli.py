@@ -16,6 +16,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "train": "lift_serve.training.cli",
     "export": "lift_serve.model.export_cli",
     "serve": "lift_serve.serve_cli",
+    "models": "lift_serve.hub.models_cli",
+    "push": "lift_serve.hub.push_cli",
     "eval": {
         "recon": "lift_serve.bench.recon_cli",
         "spair": "lift_serve.bench.spair_cli",

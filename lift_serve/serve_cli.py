@@ -16,7 +16,14 @@ HELP = "serve a bundle over HTTP (FastAPI + ONNX Runtime): features, click simil
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", default=None, metavar="DIR",
-                        help="bundle directory from `lift export` (env LIFT_BUNDLE)")
+                        help="bundle directory from `lift export`, or hf://ORG/NAME[@REVISION][/PATH] "
+                             "(env LIFT_BUNDLE)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="a named model (`lift models`): exported once into the models cache, then served; "
+                             "the export needs the torch side (train extra)")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="with --model: the upsampler weights when the model has no release of its own "
+                             "(the LiFT models), a path or hf://ORG/NAME[@REVISION]/PATH")
     parser.add_argument("--demo", action="store_true", default=None,
                         help="serve an untrained demo bundle, exported once and cached; features are meaningless "
                              "(env LIFT_DEMO)")
@@ -36,8 +43,8 @@ def build_settings(args: argparse.Namespace):
     from lift_serve.service.app import ConfigError
     from lift_serve.service.settings import Settings
 
-    if args.bundle and args.demo:
-        raise ConfigError("--bundle and --demo exclude each other: serve your bundle or the demo, not both")
+    if sum(bool(getattr(args, name, None)) for name in ("bundle", "demo", "model")) > 1:
+        raise ConfigError("--bundle, --model and --demo exclude each other: serve one of them")
     overrides = {name: getattr(args, name) for name in ("bundle", "demo", "demo_dir", "host", "port", "log_level")
                  if getattr(args, name, None) is not None}
     if args.demo:
@@ -47,6 +54,21 @@ def build_settings(args: argparse.Namespace):
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid setting ({problems}); fix the LIFT_* variable or flag") from None
+
+
+def named_model_bundle(name: str, checkpoint: str | None = None):
+    """The bundle of named model ``name``: from the models cache, else exported there now (torch side)."""
+    from lift_serve.hub.models import named_model
+    from lift_serve.service.app import ConfigError
+
+    model = named_model(name)
+    try:
+        from lift_serve.model.named import export_named
+    except ImportError:
+        raise ConfigError(f"--model {name} exports the model once with the torch side, which this installation "
+                          "lacks: pip install 'lift-serve[train]', or export it on another machine with "
+                          f"`lift export --model {name}` and serve the directory with --bundle") from None
+    return export_named(model, checkpoint)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
 
     return_large_blocks_to_the_system()
+    if getattr(args, "model", None) and not (args.bundle or args.demo):
+        args.bundle = str(named_model_bundle(args.model, args.checkpoint))
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.bundle is None and settings.demo:

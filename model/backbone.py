@@ -242,18 +242,26 @@ def build_vit(spec: BackboneSpec) -> nn.Module:
             torch.manual_seed(spec.seed)
             return _create_timm_model(spec, pretrained=False)
     if spec.weights == "hub":
-        try:
-            return _create_timm_model(spec, pretrained=True)
-        except BackboneError:
-            raise
-        except Exception as exc:  # network, hub cache or auth failures surface as many types
-            raise BackboneError(
-                f"could not obtain pretrained weights for {spec.name!r} from the timm/Hugging Face hub "
-                f"({type(exc).__name__}: {str(exc)[:200]}). Point at a local copy with "
-                "--backbone-weights PATH (a timm state dict or the original DINO checkpoint), or "
-                "pre-populate the Hugging Face cache (HF_HOME) on a machine with internet access."
-            ) from None
-    path = Path(os.path.expanduser(spec.weights))
+        from lift_serve.hub.refs import cache_only_when_unreachable
+
+        with cache_only_when_unreachable() as cache_only:
+            try:
+                return _create_timm_model(spec, pretrained=True)
+            except BackboneError:
+                raise
+            except Exception as exc:  # network, hub cache or auth failures surface as many types
+                where = "the Hugging Face cache (the Hub does not answer)" if cache_only else \
+                    "the timm/Hugging Face hub"
+                raise BackboneError(
+                    f"could not obtain pretrained weights for {spec.name!r} from {where} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}). Point at a local copy with "
+                    "--backbone-weights PATH or hf://ORG/NAME/FILE (a timm state dict or the original DINO "
+                    "checkpoint), or pre-populate the Hugging Face cache (HF_HOME) on a machine with internet "
+                    "access."
+                ) from None
+    from lift_serve.hub.refs import is_hub_ref, resolve_file
+
+    path = resolve_file(spec.weights) if is_hub_ref(spec.weights) else Path(os.path.expanduser(spec.weights))
     if not path.is_file():
         raise BackboneError(
             f"backbone weights file {path} does not exist; pass --backbone-weights with the path of "

@@ -127,9 +127,11 @@ def export_modules(
     checkpoint_sha256: str | None = None,
     checkpoint_format: str | None = None,
     default_iterations: int | None = None,
+    upsampler_trained: bool | None = None,
 ) -> Path:
     """Export already-built modules (``lift``: any registered upsampler) to a bundle at ``out_dir``;
-    see :func:`export_bundle`."""
+    see :func:`export_bundle`. ``upsampler_trained=False`` (or ``demo``) flags the upsampler's weights
+    as untrained in the manifest, a ``random`` backbone spec flags the backbone's."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     iterations = sorted({int(k) for k in lift_iterations})
@@ -155,9 +157,13 @@ def export_modules(
                                      tmp_dir / STEP_GRAPH if upsampler else None)
             cases = measure_parity(DenseExtractor(backbone, upsampler, 0).eval(), sessions, iterations, sizes,
                                    precision)
+        random_weights = [part for part, random in (
+            ("backbone", demo or backbone.spec.weights == "random"),
+            ("upsampler", upsampler is not None and (demo or upsampler_trained is False))) if random]
         manifest = _manifest(backbone, upsampler, iterations, default_k, sizes, precision, demo, graphs, cases,
                              checkpoint_sha256, checkpoint_format, check_parity,
                              graph_opset(tmp_dir / BACKBONE_GRAPH))
+        manifest["random_weights"] = random_weights
         validate_manifest(manifest, "generated manifest")
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         publish_directory(tmp_dir, out_dir)
@@ -250,11 +256,14 @@ def export_bundle(
     if checkpoint_format == "authors" and spec is None:
         raise ExportError("an authors' checkpoint (LiFT .pth, UPLiFT .safetensors without a sidecar) does not "
                           "record its backbone; name it with --backbone")
-    backbone, lift, _ = load_backbone_and_lift(spec, checkpoint)
+    backbone, lift, meta = load_backbone_and_lift(spec, checkpoint)
+    # Trained: an authors' release, or our checkpoint written by `lift train` (it records its steps).
+    trained = checkpoint_format == "authors" or bool(meta is not None and meta.steps)
     return export_modules(
         out_dir, backbone, lift, lift_iterations, sizes, precision, opset, demo, check_parity,
         checkpoint_sha256=None if checkpoint is None else sha256_file(checkpoint),
         checkpoint_format=checkpoint_format, default_iterations=default_iterations,
+        upsampler_trained=trained if checkpoint is not None else None,
     )
 
 

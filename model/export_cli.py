@@ -15,6 +15,7 @@ from lift_serve.model.options import (
     add_backbone_arguments,
     add_checkpoint_argument,
     backbone_spec_unless_sidecar,
+    resolve_checkpoint_option,
 )
 
 HELP = "export backbone + LiFT to an ONNX bundle (backbone graph, upsampler graphs, manifest) with parity measured"
@@ -63,9 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             action.help = ("timm model name, optionally with a pretrained tag (default: the one named in "
                            "the sidecar of a .safetensors --checkpoint, else vit_small_patch16_224.dino)")
     add_checkpoint_argument(parser)
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="export a named model (`lift models`): its backbone, upsampler weights (or "
+                             "--checkpoint for the LiFT models), densities and sizes; the backbone options and "
+                             "--lift-iterations/--sizes are then the model's. Without --out it goes to the models "
+                             "cache, reused when it is already there")
+    parser.add_argument("--out", default=None, metavar="DIR",
                         help="bundle directory to write; an existing bundle there is replaced atomically "
-                             "(default: %(default)s)")
+                             f"(default: {DEFAULT_OUT}, or the models cache with --model)")
     parser.add_argument("--lift-iterations", default="1", metavar="K[,K...]",
                         help="densities the service offers, as LiFT rounds (0 = backbone features only, 1 = 2x denser, "
                              "2 = 4x); every value shares the one backbone graph and the one step graph, "
@@ -84,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true",
                         help="write the demo bundle instead (random ViT-S/16 + untrained LiFT, sizes 224 and "
                              "448, iterations 0,1); other model options are ignored")
+    parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                        help="after a successful export, publish the bundle on the Hugging Face Hub as this model "
+                             "repository (as `lift push`; token from HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--private", action="store_true",
+                        help="with --push-to-hub: create the repository private")
 
 
 def _print_summary(out, manifest) -> None:
@@ -95,8 +106,15 @@ def _print_summary(out, manifest) -> None:
           f"precision {manifest.onnx.precision}, opset {manifest.onnx.opset}")
     upsampler = manifest.upsampler
     if upsampler is not None:
-        print(f"  upsampler {upsampler.kind} {upsampler.parameters} (checkpoint: {upsampler.checkpoint_format}), "
+        detected = {"ours": "ours (.safetensors + .json sidecar)",
+                    "authors": f"the authors' {upsampler.kind} file (no sidecar; kind told by its keys)"}
+        print(f"  upsampler {upsampler.kind} {upsampler.parameters}, "
               f"densities {manifest.iterations} (default {manifest.default_iterations})")
+        print(f"  checkpoint: {detected.get(upsampler.checkpoint_format, 'none')}; channel layout "
+              f"{backbone.channel_layout}")
+    if manifest.random_weights:
+        print(f"  WARNING: random or untrained weights: {', '.join(manifest.random_weights)}; the service will say "
+              "its features are meaningless")
     for role, graph in manifest.graph_files().items():
         size = (Path(out) / graph.file).stat().st_size
         print(f"  {graph.file:<24} {role:<18} {size / 1e6:8.1f} MB")
@@ -115,14 +133,26 @@ def run(args: argparse.Namespace) -> int:
     from lift_serve.model.demo import export_demo_bundle
     from lift_serve.model.export import export_bundle
 
+    if args.demo and args.model:
+        raise OptionError("--demo and --model exclude each other")
     if args.demo:
-        out = export_demo_bundle(args.out)
+        out = export_demo_bundle(args.out or DEFAULT_OUT)
+    elif args.model:
+        from lift_serve.hub.models import named_model
+        from lift_serve.model.named import export_named
+
+        out = export_named(named_model(args.model), args.checkpoint, args.precision, args.out)
     else:
+        resolve_checkpoint_option(args)
         out = export_bundle(
-            args.out, backbone_spec_unless_sidecar(args), args.checkpoint,
+            args.out or DEFAULT_OUT, backbone_spec_unless_sidecar(args), args.checkpoint,
             lift_iterations=parse_iterations(args.lift_iterations),
             sizes=parse_sizes(args.sizes), precision=args.precision, opset=args.opset,
             default_iterations=args.default_iterations,
         )
     _print_summary(out, read_manifest(out))
+    if args.push_to_hub:
+        from lift_serve.hub.push_cli import push_and_report
+
+        push_and_report(out, args.push_to_hub, private=args.private, after_export=True)
     return 0

@@ -17,8 +17,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                        help="timm model name, optionally with a pretrained tag (default: %(default)s)")
     group.add_argument("--backbone-weights", default="hub", metavar="hub|random|PATH",
                        help="'hub' = timm pretrained weights (needs the Hugging Face hub or its cache), "
-                            "'random' = untrained with --seed, or a local timm/DINO weights file "
-                            "(default: %(default)s)")
+                            "'random' = untrained with --seed, or a timm/DINO weights file: a local path or "
+                            "hf://ORG/NAME[@REVISION]/PATH (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed for random weights (default: %(default)s)")
     group.add_argument("--layer", type=int, default=-1,
                        help="block whose features are used; negative counts from the end (default: last)")
@@ -40,8 +40,19 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--checkpoint", required=required, default=None, metavar="PATH",
-                        help="LiFT weights: our .safetensors (its .json sidecar names the backbone) or the "
-                             "authors' .pth state dict (then --backbone names the backbone)")
+                        help="upsampler weights: our .safetensors (its .json sidecar names the backbone), the "
+                             "LiFT authors' .pth or UPLiFT's released .safetensors (then --backbone names the "
+                             "backbone); a local path or hf://ORG/NAME[@REVISION]/PATH")
+
+
+def resolve_checkpoint_option(args: argparse.Namespace) -> None:
+    """Replace an ``hf://`` ``--checkpoint`` by its file in the Hugging Face cache, with our ``.json``
+    sidecar beside it when the repository has one (so the checkpoint reads as a local one)."""
+    from lift_serve.hub.refs import is_hub_ref, resolve_file
+
+    value = getattr(args, "checkpoint", None)
+    if is_hub_ref(value):
+        args.checkpoint = str(resolve_file(value, sidecar=True))
 
 
 def backbone_spec_dict(args: argparse.Namespace) -> dict:

@@ -28,7 +28,7 @@ from lift_serve.service.features import FeatureService
 from lift_serve.service.metrics import ServiceMetrics
 from lift_serve.service.predictor import PredictionError
 from lift_serve.service.settings import Settings, get_settings
-from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState
+from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState, weights_warning
 
 logger = logging.getLogger("lift.service")
 
@@ -91,8 +91,9 @@ async def _start(state: ServiceState) -> None:
         features = FeatureService(state.runtime, state.settings, state.metrics)
         features.start()
         state.features = features
-        if state.runtime.demo:
-            logger.warning(DEMO_WARNING)
+        warning = weights_warning(state.runtime)
+        if warning:
+            logger.warning(warning)
         logger.info("ready: %s", state.runtime.describe() if hasattr(state.runtime, "describe") else "")
     except Exception as exc:
         state.load_error = str(exc)

@@ -36,7 +36,7 @@ from lift_serve.service.schemas import (
     SimilarityJSON,
 )
 from lift_serve.service.settings import Settings, get_settings
-from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState
+from lift_serve.service.state import STATIC_DIR, ServiceState, weights_warning
 from starlette.requests import ClientDisconnect
 
 router = APIRouter()
@@ -302,7 +302,8 @@ async def models(state: StateDep, pipeline: PipelineDep):
             "resize_policy": settings.resize_policy,
         },
         "demo": bool(runtime.demo),
-        "warning": DEMO_WARNING if runtime.demo else None,
+        "random_weights": list(getattr(manifest, "random_weights", []) or []),
+        "warning": weights_warning(runtime),
         "parameters": {
             "iterations": {"allowed": runtime.iterations, "default": runtime.default_iterations},
             "stride": {"min": min(runtime.stride(k) for k in runtime.iterations),

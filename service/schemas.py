@@ -48,6 +48,8 @@ class ModelInfo(BaseModel):
 class Models(BaseModel):
     model: ModelInfo
     demo: bool
+    random_weights: list[str] = Field(default_factory=list, description="parts of the bundle with random or "
+                                      "untrained weights (then `warning` says its features are meaningless)")
     warning: str | None
     parameters: dict[str, Any] = Field(description="allowed request parameters and their ranges")
 

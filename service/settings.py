@@ -22,7 +22,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LIFT_", extra="ignore", frozen=True)
 
-    bundle: Path | None = Field(None, description="bundle directory written by `lift export`")
+    bundle: Path | None = Field(None, description="bundle directory written by `lift export`, or "
+                                "hf://ORG/NAME[@REVISION][/PATH] for one on the Hugging Face Hub")
     demo: bool = Field(False, description="serve an untrained demo bundle (meaningless features)")
     demo_dir: Path = Field(Path("~/.cache/lift-serve/demo-bundle").expanduser(),
                            description="where the demo bundle is exported once and reused")
@@ -71,7 +72,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value):
         # LIFT_BUNDLE= (empty, as compose files write unset variables) means no bundle, not the current directory.
-        return None if isinstance(value, str) and not value.strip() else value
+        if isinstance(value, str) and not value.strip():
+            return None
+        # hf://ORG/NAME[@REVISION][/PATH]: the bundle's folder in the Hugging Face cache (fetched once).
+        # A failure raises HubError, which is not a ValueError: it reaches the user as it is.
+        from lift_serve.hub.refs import is_hub_ref, resolve_directory
+
+        return resolve_directory(value) if is_hub_ref(value) else value
 
     @field_validator("demo_dir", "bundle", mode="after")
     @classmethod

@@ -16,6 +16,23 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEMO_WARNING = ("DEMO BUNDLE: randomly initialised ViT and untrained LiFT — its features are MEANINGLESS. "
                 "It exists to try the API; serve a real bundle (`lift export ...`, then `lift serve --bundle DIR`).")
 
+
+
+def weights_warning(runtime) -> str | None:
+    """What the log, ``/v1/models`` and the page say about a bundle whose features are meaningless:
+    the demo warning, or which parts of it have random or untrained weights (the manifest's
+    ``random_weights``); None for a bundle of trained weights."""
+    if runtime.demo:
+        return DEMO_WARNING
+    manifest = getattr(runtime, "manifest", None)
+    parts = list(getattr(manifest, "random_weights", None) or [])
+    if not parts:
+        return None
+    names = {"backbone": "the backbone's weights are random", "upsampler": "the upsampler is untrained"}
+    return (f"UNTRAINED WEIGHTS: {' and '.join(names[p] for p in parts)} in this bundle, so its features are "
+            "MEANINGLESS. Export one with trained weights (see README, 'Real features in one command').")
+
+
 class ServiceState:
     """Everything a request needs: settings, metrics and, once loaded, the runtime and its pipeline."""
 

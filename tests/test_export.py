@@ -113,9 +113,24 @@ def test_export_from_authors_pth_via_cli(tmp_path, tiny_backbone, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["upsampler"]["checkpoint_format"] == "authors"
     assert manifest["upsampler"]["checkpoint_sha256"] == sha256_file(tmp_path / "their.pth")
+    assert manifest["random_weights"] == ["backbone"]  # the authors' LiFT is trained; the tiny ViT is random
+    assert "checkpoint: the authors' lift file (no sidecar; kind told by its keys)" in printed
+    assert "WARNING: random or untrained weights: backbone" in printed
     images = natural_image(64, 96, seed=9)[None]
     expected = torch_features(DenseExtractor(tiny_backbone, lift, 1).eval(), images)
     np.testing.assert_allclose(BundleRuntime(out).run(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_from_a_file_are_not_flagged_random(tmp_path, tiny_backbone, capsys):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.vit.state_dict().items()}, str(weights))
+    out = tmp_path / "plain"
+    assert lift_cli.main(["export", *tiny_args("--backbone-weights", str(weights), "--lift-iterations", "0",
+                                               "--sizes", "64", "--out", str(out))]) == 0
+    assert json.loads((out / "manifest.json").read_text())["random_weights"] == []
+    assert "random or untrained weights" not in capsys.readouterr().out
 
 
 def test_fp16_export_verified_on_cpu(tmp_path, tiny_backbone):

@@ -151,7 +151,9 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     _wait(driver, lambda d: d.find_element("id", "iterations").find_elements("tag name", "option"),
           "the page did not list the LiFT iterations from /v1/models")
     assert "LiFT" in driver.title
-    assert driver.find_element("id", "demo-warning").get_attribute("hidden") is not None  # not a demo bundle
+    # Not a demo bundle, but its weights are random: the banner says so.
+    banner = driver.find_element("id", "demo-warning")
+    assert banner.get_attribute("hidden") is None and "UNTRAINED WEIGHTS" in banner.text
     offered = [o.get_attribute("value") for o in driver.find_element("id", "iterations")
                .find_elements("tag name", "option")]
     assert offered == ["0", "1"]

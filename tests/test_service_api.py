@@ -26,7 +26,9 @@ def test_health_models_metrics_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
     body = client.get("/v1/models").json()
-    assert body["demo"] is False and body["warning"] is None
+    # Not a demo, but the tiny bundle's backbone is random and its LiFT untrained: said as for a demo.
+    assert body["demo"] is False and body["random_weights"] == ["backbone", "upsampler"]
+    assert body["warning"].startswith("UNTRAINED WEIGHTS: the backbone's weights are random and the upsampler")
     model = body["model"]
     assert model["channels"] == 32 and model["strides"] == {"0": 16.0, "1": 8.0}
     assert model["input_sizes"] == [{"height": 64, "width": 64}, {"height": 64, "width": 96}]
