@@ -210,7 +210,7 @@ def test_forgotten_feature_id_is_recovered_by_resending(server_url):
     recorder = Recorder()
     image = png(textured(64, 64, seed=11))
     with LiftClient(server_url, transport=recorder) as c:
-        c._core.remember(image, None, "0" * 64)  # as if the server had evicted what it once cached
+        c._core.remember(image, (None, None), "0" * 64)  # as if the server had evicted what it once cached
         sim = c.similarity(image, 10, 10)
     assert sim.ndim == 2
     assert len(recorder.requests) == 2 and image in recorder.requests[1].content
