@@ -10,6 +10,7 @@ say so.
 from __future__ import annotations
 
 import argparse
+import logging
 
 HELP = "serve a bundle over HTTP (FastAPI + ONNX Runtime): features, click similarity maps, matches"
 
@@ -56,6 +57,17 @@ def build_settings(args: argparse.Namespace):
         raise ConfigError(f"invalid setting ({problems}); fix the LIFT_* variable or flag") from None
 
 
+# Libraries whose INFO lines (hundreds during an ONNX export) would bury the service's own log.
+THIRD_PARTY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "httpx", "httpcore", "huggingface_hub", "timm")
+
+
+def quiet_third_party_logs(level: str) -> None:
+    """Third-party loggers at WARNING unless the service logs at ``debug``."""
+    if level != "debug":
+        for name in THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def named_model_bundle(name: str, checkpoint: str | None = None):
     """The bundle of named model ``name``: from the models cache, else exported there now (torch side)."""
     from lift_serve.hub.models import named_model
@@ -72,8 +84,6 @@ def named_model_bundle(name: str, checkpoint: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
     from lift_serve.http_server import server_options
@@ -85,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
         args.bundle = str(named_model_bundle(args.model, args.checkpoint))
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party_logs(settings.log_level)
+    check_settings(settings)
+    demo_exporter = None
     if settings.bundle is None and settings.demo:
+        # Exported by the app's start-up task, after the port is open: meanwhile /readyz and /v1 answer
+        # 503 not_ready with Retry-After, and the page says it waits for the model.
         from lift_serve.demo import export_demo
 
         logging.getLogger("lift.service").warning(DEMO_WARNING)
-        settings = settings.model_copy(update={"bundle": export_demo(settings.demo_dir)})
-    check_settings(settings)
-    app = create_app(settings)
+        demo_exporter = export_demo
+    app = create_app(settings, demo_exporter=demo_exporter)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                            access_log=settings.log_level == "debug", **server_options(settings)))
     state = app.state.service

@@ -223,7 +223,10 @@ def load_lift_checkpoint(
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a state dict: {str(exc)[:200]}") from None
+        # Not the reader's own text: torch's explains its weights_only option for a page.
+        raise CheckpointError(f"cannot read {path} as a state dict (not a readable PyTorch or safetensors file: "
+                              f"{type(exc).__name__}); pass a PyTorch .pth/.pt state dict or a .safetensors file"
+                              ) from None
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):

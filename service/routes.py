@@ -204,7 +204,14 @@ async def read_upload(request: Request, settings: Settings, files: set[str], fie
                     if name in _query_names(request):  # e.g. curl -F x=10: x belongs in the URL
                         raise ServiceError(422, "unknown_field", f"{name!r} is a query parameter, not a form "
                                            f"field: put it in the URL, e.g. {request.url.path}?{name}={value[:20]}")
-                    raise ServiceError(422, "unknown_field", f"unknown form field {name!r}; accepted: "
+                    if content_type == "application/x-www-form-urlencoded" and not name.isprintable():
+                        # curl -d @cat.jpg: the file's bytes arrive as url-encoded form text
+                        raise ServiceError(422, "unknown_field", "the body is an url-encoded form holding binary "
+                                           "data, not an image upload (curl -d/--data sends a file this way); "
+                                           f"send it as a file: curl -F {raw_field or sorted(files)[0]}=@photo.jpg, "
+                                           "or the raw bytes with --data-binary @photo.jpg -H 'Content-Type: "
+                                           "image/jpeg'")
+                    raise ServiceError(422, "unknown_field", f"unknown form field {name[:60]!r}; accepted: "
                                        f"files {sorted(files)}, fields {sorted(fields)}")
                 out_fields[name] = value
             else:

@@ -116,3 +116,65 @@ def test_bench_repeats_and_threads_are_checked_before_any_work(tmp_path, capsys)
     assert not (tmp_path / "b").exists()
     assert lift_cli.main(["bench", "train", "--threads", "-1", "--out", str(tmp_path / "t.json")]) == 2
     assert "error: --threads must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_demo_opens_the_port_before_the_demo_export(tiny_bundle, tmp_path):
+    """`lift serve --demo` answers at once: 503 not_ready with Retry-After while the demo bundle is
+    exported (here a stand-in exporter that waits for a file), then ready."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    release = tmp_path / "release"
+    code = (
+        "import time, pathlib, lift_serve.demo as demo\n"
+        f"def slow_export(demo_dir):\n"
+        f"    while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.05)\n"
+        f"    return pathlib.Path({str(tiny_bundle)!r})\n"
+        "demo.export_demo = slow_export\n"
+        "from lift_serve import cli\n"
+        f"raise SystemExit(cli.main(['serve', '--demo', '--port', '{port}', '--demo-dir', {str(tmp_path)!r}]))\n"
+    )
+    env = {**os.environ, "LIFT_PROVIDERS": "cpu"}
+    server = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        url, deadline, answer = f"http://127.0.0.1:{port}", time.monotonic() + 60, None
+        while answer is None and time.monotonic() < deadline:
+            try:
+                answer = httpx.get(f"{url}/readyz", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert answer is not None, "the port never opened"
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_ready"
+        assert answer.headers["retry-after"] == "2"
+        release.touch()
+        while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=30)[0]
+    assert "DEMO BUNDLE" in output and "Traceback" not in output
+
+
+def test_third_party_info_logs_are_quiet_unless_debug():
+    import logging
+
+    from lift_serve.serve_cli import quiet_third_party_logs
+
+    logging.getLogger("onnxscript").setLevel(logging.NOTSET)
+    quiet_third_party_logs("info")
+    assert not logging.getLogger("onnxscript").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("onnx_ir.passes").isEnabledFor(logging.INFO)
+    logging.getLogger("onnxscript").setLevel(logging.NOTSET)
+    quiet_third_party_logs("debug")
+    assert logging.getLogger("onnxscript").level == logging.NOTSET  # debug: left as it is

@@ -101,6 +101,14 @@ def test_damaged_checkpoint_files_are_checkpoint_errors(tmp_path, tiny_spec, tin
     torch.save({"up1.up.weight": torch.zeros(2), "epoch": 3}, pth)
     with pytest.raises(CheckpointError, match="not a state dict of tensors"):
         load_lift_checkpoint(pth, channels=32, patch_size=16)
+    # A file that is no PyTorch file at all (e.g. a JPEG named .pth): one line, not torch's essay
+    # about weights_only.
+    pth.write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint " * 20)
+    with pytest.raises(CheckpointError) as caught:
+        load_lift_checkpoint(pth, channels=32, patch_size=16)
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {pth} as a state dict (") and "\n" not in message
+    assert "weights_only" not in message and message.endswith("or a .safetensors file")
 
 
 def test_missing_checkpoint_is_named_before_sidecar_or_backbone(tmp_path):

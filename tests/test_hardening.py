@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from lift_serve.service.codec import ImageError, decode_image, read_header
 from PIL import Image
-from service_helpers import blocks, encode, make_app, started_client
+from service_helpers import blocks, encode, make_app, noise, started_client
 
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -682,3 +682,13 @@ def test_an_allocation_failure_while_decoding_is_413_not_corrupt(monkeypatch):
     with pytest.raises(ImageError) as info:
         decode_image(data, max_pixels=10_000)
     assert (info.value.status, info.value.code) == (413, "image_too_large") and "memory" in info.value.message
+
+
+def test_an_image_sent_with_curl_data_says_to_use_a_file_upload(client):
+    """`curl -d @cat.jpg` sends the bytes as an url-encoded form: the answer says how to upload."""
+    jpeg = encode(noise(32, 32, seed=3), "JPEG")
+    r = client.post("/v1/features", content=jpeg, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422
+    message = r.json()["error"]["message"]
+    assert "curl -F image=@photo.jpg" in message and "--data-binary" in message
+    assert "\xff" not in message and "ÿ" not in message  # the bytes are not echoed

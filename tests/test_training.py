@@ -244,6 +244,11 @@ def test_bench_train_writes_throughput_json(tmp_path, capsys):
     assert result["images_per_s"] > 0 and result["batch_size"] == 2 and result["imsize"] == 64
     assert result["lift_parameters"] > 0 and 0 < result["backbone_share"]
     assert "images/s" in capsys.readouterr().out
+    # Left out, the size is the smallest valid one from 224 up: 256 for patch 16 (224 is not a
+    # multiple of 4 x 16, which training's x/4 pyramid needs).
+    assert lift_cli.main(["bench", "train", *TINY_ARGS, "--batch-size", "1", "--steps", "1", "--warmup", "0",
+                          "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["imsize"] == 256
 
 
 def test_torchrun_two_process_gloo_run_writes_one_checkpoint(tmp_path):

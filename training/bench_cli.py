@@ -19,7 +19,9 @@ HELP = "training throughput (images/s) for a backbone at an image size, on synth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--imsize", type=int, default=224, help="(default: %(default)s)")
+    parser.add_argument("--imsize", type=int, default=None,
+                        help="image side (default: the smallest valid size from 224 up for the backbone: a "
+                             "multiple of 4x its patch, e.g. 256 for patch 16, 224 for patch 14)")
     parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from lift_serve.model.extractor import Preprocessing
     from lift_serve.model.lift import count_trainable_parameters
     from lift_serve.training.objective import TwoOctaveLiFT, backbone_pyramid
+    from lift_serve.training.config import smallest_imsize
     from lift_serve.training.trainer import TrainError, TrainStep, build_models
 
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     load_before = os.getloadavg()
     backbone, lift = build_models(backbone_spec_dict(args), args.imsize, args.seed)
+    if args.imsize is None:
+        args.imsize = smallest_imsize(224, backbone.patch_size)
     backbone.to(device)
     lift.to(device).train()
     preprocessing = Preprocessing(backbone.mean, backbone.std, backbone.patch_size)

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per step per process (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop after this many optimizer steps in total (smoke runs); resuming with a "
-                             "larger value continues")
+                        help="stop after this many optimizer steps in total (smoke runs), or at --epochs if "
+                             "that comes first; resuming with a larger value continues")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="autocast precision; fp16 (with loss scaling) needs CUDA (default: %(default)s)")
     parser.add_argument("--upsampler", default="lift", choices=("lift", "uplift"),

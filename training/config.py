@@ -106,6 +106,12 @@ def resolved_loss(config: TrainConfig) -> str:
     return config.loss or ("l2" if config.upsampler == "uplift" else "cosine")
 
 
+def smallest_imsize(at_least: int, patch_size: int, levels: int = 2) -> int:
+    """The smallest valid training size (see :func:`check_imsize_for_patch`) not below ``at_least``."""
+    factor = 2 ** levels * patch_size
+    return -(-at_least // factor) * factor
+
+
 def check_imsize_for_patch(imsize: int, patch_size: int, levels: int = 2) -> None:
     """The objective feeds the backbone x/2 ... x/2^levels (Eq. 1: x/4), whose sides must be whole
     patches: --imsize must be a multiple of 2^levels x the patch size (for Eq. 1: 64 for patch 16,

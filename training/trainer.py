@@ -78,12 +78,14 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def build_models(spec_dict: dict[str, Any], imsize: int, seed: int, upsampler: str = "lift",
+def build_models(spec_dict: dict[str, Any], imsize: int | None, seed: int, upsampler: str = "lift",
                  levels: int = 2) -> tuple[ViTBackbone, LiFT]:
-    """Frozen backbone and a freshly initialised upsampler (init seeded by ``seed``)."""
+    """Frozen backbone and a freshly initialised upsampler (init seeded by ``seed``); ``imsize`` is
+    checked against the backbone's patch size (None: the caller checks it)."""
     spec = BackboneSpec.from_dict(spec_dict)
     backbone = build_backbone(spec)
-    check_imsize_for_patch(imsize, backbone.patch_size, levels)
+    if imsize is not None:
+        check_imsize_for_patch(imsize, backbone.patch_size, levels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         lift = build_upsampler(upsampler, {"in_channels": backbone.embed_dim, "patch_size": backbone.patch_size})
