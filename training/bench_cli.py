@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from lift_serve.model.extractor import Preprocessing
     from lift_serve.model.lift import count_trainable_parameters
-    from lift_serve.training.objective import TwoOctaveLiFT, backbone_pyramid
     from lift_serve.training.config import smallest_imsize
+    from lift_serve.training.objective import TwoOctaveLiFT, backbone_pyramid
     from lift_serve.training.trainer import TrainError, TrainStep, build_models
 
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
