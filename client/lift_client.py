@@ -394,6 +394,16 @@ class _Core:
             self._attach(call, f"image_{name}", f"feature_id_{name}", img, fid, density, reuse)
         return call
 
+    def visualize_call(self, image: bytes | None, feature_id: str | None, basis_id: str | None, compare: bool,
+                       density: Density, reuse: bool) -> _Call:
+        if image is None and feature_id is None:
+            raise ValueError("give an image or a feature_id")
+        params = {"method": "pca", "format": "png", "compare": compare, "basis_id": basis_id,
+                  **_density_params(density)}
+        call = _Call("POST", "/v1/visualize", params)
+        self._attach(call, "image", "feature_id", image, feature_id, density, reuse)
+        return call
+
     def _attach(self, call: _Call, file_field: str, id_field: str, image: bytes | None, feature_id: str | None,
                 density: Density, reuse: bool) -> None:
         """Add an image to ``call``: the caller's id, else a remembered id, else the bytes."""
@@ -585,6 +595,19 @@ class LiftClient:
         density = _density(iterations, stride)
         return self._match(a, b, "png", max_matches, min_score, density, None, None).content
 
+    def visualize(self, image: ImageInput | None = None, feature_id: str | None = None, compare: bool = False,
+                  basis_id: str | None = None, iterations: int | None = None, stride: float | None = None) -> bytes:
+        """``POST /v1/visualize``: PNG of the features' first 3 principal components as RGB, at the
+        image's size; ``basis_id`` colours with another image's basis, ``compare`` puts the
+        backbone's own features on the left."""
+        density = _density(iterations, stride)
+        img = _optional_bytes(image)
+        response = self._with_fresh_ids(
+            lambda reuse: self._core.visualize_call(img, feature_id, basis_id, compare, density, reuse))
+        if img is not None:
+            self._core.remember(img, density, response.headers.get("x-feature-id"))
+        return response.content
+
     def _match(self, a, b, fmt, max_matches, min_score, density, fid_a, fid_b) -> httpx.Response:
         da, db = _optional_bytes(a), _optional_bytes(b)
         response = self._with_fresh_ids(
@@ -694,6 +717,18 @@ class AsyncLiftClient:
         """See :meth:`LiftClient.match_image`."""
         density = _density(iterations, stride)
         return (await self._match(a, b, "png", max_matches, min_score, density, None, None)).content
+
+    async def visualize(self, image: ImageInput | None = None, feature_id: str | None = None,
+                        compare: bool = False, basis_id: str | None = None, iterations: int | None = None,
+                        stride: float | None = None) -> bytes:
+        """See :meth:`LiftClient.visualize`."""
+        density = _density(iterations, stride)
+        img = _optional_bytes(image)
+        response = await self._with_fresh_ids(
+            lambda reuse: self._core.visualize_call(img, feature_id, basis_id, compare, density, reuse))
+        if img is not None:
+            self._core.remember(img, density, response.headers.get("x-feature-id"))
+        return response.content
 
     async def _match(self, a, b, fmt, max_matches, min_score, density, fid_a, fid_b) -> httpx.Response:
         da, db = _optional_bytes(a), _optional_bytes(b)

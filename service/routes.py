@@ -21,12 +21,14 @@ from lift_serve.service.cache import FeatureEntry
 from lift_serve.service.codec import ImageError, decode_image, encode_npy, encode_png
 from lift_serve.service.errors import ServiceError, error_body
 from lift_serve.service.features import FeatureService, request_of
+from lift_serve.service.pca import fit_basis, pca_image, side_by_side
 from lift_serve.service.predictor import DensePredictor, Matches
 from lift_serve.service.render import heatmap_png_image, match_png_image
 from lift_serve.service.schemas import (
     FEATURE_HEADERS,
     MATCH_HEADERS,
     SIMILARITY_HEADERS,
+    VISUALIZE_HEADERS,
     ErrorBody,
     FeaturesJSON,
     Health,
@@ -530,6 +532,75 @@ async def similarity(
 def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha: float, max_pixels: int) -> bytes:
     image = decode_image(target.image_bytes, max_pixels) if overlay else None
     return encode_png(heatmap_png_image(sim, target.geometry, image, alpha))
+
+
+# -- visualize --------------------------------------------------------------------------------------
+@router.post(
+    "/v1/visualize", tags=["visualize"], summary="Dense features as a picture: 3 principal components -> RGB",
+    description=(
+        "The first three principal components of the image's features (multipart `image`, a raw image body, "
+        "or `feature_id`) at the density asked for, mapped to RGB at the image's original size, one block of "
+        "colour per feature cell. The basis is fitted on this image, or on the features of `basis_id` (another "
+        "image's id, taken at the same density) so that two images are coloured comparably. `compare=true`: "
+        "the backbone's own features (left) next to these (right), in the same basis. `format=json`: the basis "
+        "(mean, components, colour bounds, explained variance) instead of the picture."),
+    dependencies=[only_query("method", "format", "compare", "iterations", "stride", "feature_id", "basis_id")],
+    openapi_extra=multipart_doc({"image": "the image (or feature_id)"},
+                                {"feature_id": "id from an earlier response instead of `image`",
+                                 "basis_id": "fit the colours on these features instead"}, raw=True),
+    response_model=None,
+    responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                 "application/json": {}},
+                     "headers": VISUALIZE_HEADERS, "description": "PNG (default) or the basis as JSON"},
+               **ERROR_RESPONSES},
+)
+async def visualize(
+    request: Request,
+    settings: SettingsDep,
+    pipeline: PipelineDep,
+    predictor: PredictorDep,
+    method: Literal["pca"] = Query("pca", description="how features become colours"),
+    format: Literal["png", "json"] = Query("png", description="the picture, or the basis as JSON"),
+    compare: bool = Query(False, description="png: the backbone's features (left) next to these (right)"),
+    iterations: int | None = ITERATIONS_QUERY,
+    stride: float | None = STRIDE_QUERY,
+    feature_id: str | None = Query(None, description="features from an earlier response (X-Feature-Id)"),
+    basis_id: str | None = Query(None, description="fit the basis on these features (another image's id)"),
+):
+    upload = await read_upload(request, settings, files={"image"}, fields={"feature_id", "basis_id"},
+                               raw_field="image")
+    data, fid = _pick(upload, request, "image", "feature_id")
+    if "basis_id" in upload.fields and basis_id:
+        raise ServiceError(422, "invalid_parameter", "'basis_id' is given both in the query and as a form field")
+    basis_id = upload.fields.get("basis_id") or basis_id
+    if data is None and not fid:
+        raise ServiceError(400, "missing_image", "send the image (multipart 'image' or a raw image body) or the "
+                           "feature_id of an earlier response")
+    entry = await _entry(predictor, request, data, fid, _density(iterations, stride), "image")
+    source = entry if not basis_id else await _entry(predictor, request, None, basis_id, request_of(entry.density),
+                                                     "basis")
+    basis = await asyncio.to_thread(fit_basis, source.features, source.geometry.content_grid)
+    headers = {"X-Feature-Id": entry.id, "X-Basis-Feature-Id": source.id,
+               "X-PCA-Explained-Variance": ",".join(f"{v:.4f}" for v in basis.explained),
+               "X-Feature-Stride": f"{entry.geometry.stride:g}"}
+    if format == "json":
+        return JSONResponse({"method": method, "feature_id": entry.id, "basis_feature_id": source.id,
+                             "grid": list(entry.features.shape[1:]), "basis": basis.describe()}, headers=headers)
+    coarse = None
+    if compare:
+        if 0 not in pipeline.runtime.iterations:
+            raise ServiceError(422, "invalid_parameter", "compare=true needs the backbone's own features, which this "
+                               "bundle does not offer (iterations 0 is not among "
+                               f"{pipeline.runtime.iterations})")
+        coarse = await _entry(predictor, request, None, entry.id, (0, None), "image")
+
+    def draw() -> bytes:
+        picture = pca_image(entry.features, entry.geometry, basis)
+        if coarse is not None:
+            picture = side_by_side(pca_image(coarse.features, coarse.geometry, basis), picture)
+        return encode_png(picture)
+
+    return Response(await asyncio.to_thread(draw), media_type="image/png", headers=headers)
 
 
 # -- match ------------------------------------------------------------------------------------------

@@ -136,6 +136,13 @@ SIMILARITY_HEADERS = {
     "X-Input-Size": header("the target's model input HxW", "224x224"),
     "X-Image-Size": header("the target's original WxH", "640x480"),
 }
+VISUALIZE_HEADERS = {
+    "X-Feature-Id": header("the image's feature id", "3f7a…-k1-sq-224x224"),
+    "X-Basis-Feature-Id": header("the features the PCA basis was fitted on", "9c1d…-k1-sq-224x224"),
+    "X-PCA-Explained-Variance": header("share of the variance of each of the 3 components, comma-separated",
+                                       "0.31,0.12,0.07"),
+    "X-Feature-Stride": header("input pixels per cell of the coloured grid", "8"),
+}
 MATCH_HEADERS = {
     "X-Feature-Id-A": header("feature id of image A", "3f7a…-k1-sq-224x224"),
     "X-Feature-Id-B": header("feature id of image B", "9c1d…-k1-sq-224x224"),

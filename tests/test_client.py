@@ -118,6 +118,17 @@ def test_stride_asks_for_a_density_by_its_cell_size(client):
         client.features(image, stride=10)
 
 
+def test_visualize_returns_the_pca_picture(client):
+    image = textured(64, 96, seed=4)
+    png_bytes = client.visualize(image, iterations=1)
+    assert png_bytes.startswith(b"\x89PNG")
+    both = client.visualize(image, compare=True, iterations=1)
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(png_bytes)).size == (96, 64)
+    assert Image.open(io.BytesIO(both)).size == (96 + 8 + 96, 64)
+
+
 def test_every_image_kind_gives_the_same_features(client, tmp_path):
     array = textured(60, 80, seed=2)
     path = tmp_path / "img.png"

@@ -222,6 +222,18 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     _wait(driver, lambda d: _maps(d) > before, "changing LiFT iterations did not redraw the map")
     assert uploads() == sent
 
+    # The Features view: the image's features as a PCA picture at its own size, no upload.
+    sent = uploads()
+    driver.find_element("id", "tab-features").click()
+    picture = driver.find_element("id", "heat-a")
+    _wait(driver, lambda d: picture.is_displayed() and "principal" in picture.get_attribute("alt"),
+          "the Features view showed no picture")
+    _wait(driver, lambda d: d.execute_script("return arguments[0].naturalWidth", picture) == 160,
+          "the features picture is not at the image's size")
+    assert uploads() == sent
+    driver.find_element("id", "tab-similarity").click()
+    assert not driver.find_element("id", "heat-a").is_displayed()
+
     # A second image: a click on the first shows the map over the second.
     b = _save_png(_picture(96, 128, seed=2), tmp_path / "b.png")
     driver.find_element("id", "file-b").send_keys(str(b))

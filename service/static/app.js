@@ -305,6 +305,7 @@ async function setImage(slot, file) {
     updateLayout();
   }
   if (state.mode === "matches") runMatches();
+  if (state.mode === "features") showFeatures();
 }
 
 function dropImage(slot) {
@@ -414,6 +415,7 @@ function clearMaps() {
     const heat = $(`heat-${slot}`);
     if (heat.src) URL.revokeObjectURL(heat.src);
     heat.removeAttribute("src");
+    heat.alt = "similarity map";
     heat.hidden = true;
     $(`marker-${slot}`).hidden = true;
   }
@@ -511,6 +513,7 @@ function bindStage(slot) {
       if (event.key === "Enter") $(`file-${slot}`).click();
       return;
     }
+    if (state.mode !== "similarity") return; // points are queried in the similarity view only
     const last = state.lastClick && state.lastClick.slot === slot ? state.lastClick : null;
     let x = last ? last.x : image.width / 2;
     let y = last ? last.y : image.height / 2;
@@ -644,17 +647,58 @@ function drawMatches() {
 // ---------------------------------------------------------------------------------------------
 // Controls
 
+// ---------------------------------------------------------------------------------------------
+// Features: the first three principal components of each image's features as RGB (/v1/visualize),
+// over the image at the overlay opacity. The second image is coloured in the first one's basis, so
+// alike colours mean alike features across the two.
+
+async function showFeatures() {
+  clearMaps();
+  const first = state.images.a;
+  if (!first) return;
+  setBusy(true);
+  try {
+    for (const slot of ["a", "b"]) {
+      const image = state.images[slot];
+      if (!image) continue;
+      const response = await withFreshIds(async () => {
+        const body = new FormData();
+        body.append("feature_id", await featureId(image));
+        if (slot === "b") body.append("basis_id", await featureId(first));
+        return api(`v1/visualize?${query({ method: "pca", ...densityParams() })}`, { method: "POST", body });
+      });
+      const picture = $(`heat-${slot}`);
+      const url = URL.createObjectURL(await response.blob());
+      await new Promise((resolve, reject) => {
+        picture.onload = resolve;
+        picture.onerror = () => reject(new ApiError(response.status, "bad_picture", "the server's picture is not a PNG"));
+        picture.src = url;
+      });
+      picture.alt = "features: 3 principal components as RGB";
+      picture.hidden = false;
+    }
+    $("status").textContent = "features: principal components 1-3 as red, green, blue";
+  } catch (err) {
+    showError(err);
+  } finally {
+    if (!state.loading && !state.inflight) setBusy(false);
+  }
+}
+
 function setMode(mode) {
   state.mode = mode;
   $("tab-similarity").setAttribute("aria-pressed", String(mode === "similarity"));
+  $("tab-features").setAttribute("aria-pressed", String(mode === "features"));
   $("tab-matches").setAttribute("aria-pressed", String(mode === "matches"));
-  $("view-similarity").hidden = mode !== "similarity";
+  $("view-similarity").hidden = mode === "matches";
   $("view-matches").hidden = mode !== "matches";
   $("match-controls").hidden = mode !== "matches";
   $("match-hint").hidden = mode !== "matches";
   $("hint").hidden = mode === "matches";
-  $("legend").hidden = mode === "matches";
+  $("legend").hidden = mode !== "similarity";
   if (mode === "matches") runMatches();
+  if (mode === "features") showFeatures();
+  else if (mode === "similarity") clearMaps();
 }
 
 function updateLayout() {
@@ -677,6 +721,7 @@ function bindControls() {
   $("error-close").addEventListener("click", clearError);
   $("tab-similarity").addEventListener("click", () => setMode("similarity"));
   $("tab-matches").addEventListener("click", () => setMode("matches"));
+  $("tab-features").addEventListener("click", () => setMode("features"));
   $("opacity").addEventListener("input", (e) => {
     $("opacity-value").textContent = `${e.target.value} %`;
     for (const slot of ["a", "b"]) $(`heat-${slot}`).style.opacity = String(e.target.value / 100);
@@ -686,6 +731,7 @@ function bindControls() {
     const last = state.lastClick;
     clearMaps();
     if (state.mode === "matches") runMatches();
+    else if (state.mode === "features") showFeatures();
     else if (last) requestPoint(last); // same point, new density: the same feature id, no upload
   });
   $("max-matches").addEventListener("input", rematchSoon);
