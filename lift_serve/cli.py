@@ -17,6 +17,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "export": "lift_serve.model.export_cli",
     "serve": "lift_serve.serve_cli",
     "models": "lift_serve.hub.models_cli",
+    "extract": "lift_serve.extract_cli",
     "push": "lift_serve.hub.push_cli",
     "eval": {
         "recon": "lift_serve.bench.recon_cli",

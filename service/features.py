@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +38,7 @@ from lift_serve.service.cache import (
 )
 from lift_serve.service.codec import decode_image, read_header
 from lift_serve.service.decode_gate import DecodeGate
+from lift_serve.service.density import offered_iterations, resolve_density
 from lift_serve.service.errors import ServiceError
 from lift_serve.service.geometry import ImageGeometry
 from lift_serve.service.metrics import ServiceMetrics
@@ -54,11 +54,6 @@ UPSAMPLE_CHUNK_BYTES = 64 * MIB
 # Defaults when LIFT_CACHE_BYTES / LIFT_MAX_RESPONSE_BYTES are unset: at least this, and at least
 # what the bundle's densest density needs (two images in the cache, one image in an answer).
 DEFAULT_BUDGET_BYTES = 256 * MIB
-_TOLERANCE = 1e-6
-
-
-def _whole(value: float) -> bool:
-    return abs(value - round(value)) <= _TOLERANCE * max(1.0, abs(value))
 
 
 class FeatureService:
@@ -166,48 +161,11 @@ class FeatureService:
     # -- densities -----------------------------------------------------------------------------------
     def iterations(self, requested: int | None) -> int:
         """The upsampler step count to use (422 if the bundle has no graph for it)."""
-        if requested is None:
-            return self.runtime.default_iterations
-        if requested not in self.runtime.iterations:
-            raise ServiceError(422, "invalid_parameter",
-                               f"iterations={requested} is not offered by this bundle; choose one of "
-                               f"{self.runtime.iterations} (see GET /v1/models)")
-        return requested
+        return offered_iterations(self.runtime, requested)
 
     def density(self, iterations: int | None, stride: float | None, input_size: tuple[int, int]) -> Density:
-        """The density asked for by ``iterations`` or by an explicit ``stride`` (input pixels per
-        cell) for a model input of ``input_size`` (height, width); neither = the bundle's default.
-
-        A stride equal to an offered density's is that density. Another stride between the finest
-        and the coarsest offered runs the steps of the first density at least as fine and resamples
-        to exactly that stride, which must give whole cells on both sides of the input (422 else).
-        """
-        if stride is None:
-            return Density(self.iterations(iterations))
-        if iterations is not None:
-            raise ServiceError(422, "conflicting_parameters", "send either iterations or stride, not both: "
-                               "stride is input pixels per feature cell, iterations the upsampler steps behind it")
-        if not (math.isfinite(stride) and stride > 0):
-            raise ServiceError(422, "invalid_parameter", f"stride={stride!r} must be a positive number of input "
-                               "pixels per feature cell, e.g. 1 for pixel-dense features")
-        height, width = input_size
-        native = {k: self.runtime.stride(k) for k in self.runtime.iterations}
-        finest, coarsest = min(native.values()), max(native.values())
-        offered = ", ".join(f"{v:g}" for v in sorted(native.values(), reverse=True))
-        if stride < finest * (1 - _TOLERANCE) or stride > coarsest * (1 + _TOLERANCE):
-            raise ServiceError(422, "invalid_parameter",
-                               f"stride={stride:g} is outside this bundle's range: from {coarsest:g} (backbone grid) "
-                               f"to {finest:g} input pixels per cell (its densities: {offered})")
-        for k, value in sorted(native.items()):
-            if abs(value - stride) <= _TOLERANCE * value:
-                return Density(k)
-        if not (_whole(height / stride) and _whole(width / stride)):
-            raise ServiceError(422, "invalid_parameter",
-                               f"stride={stride:g} does not give whole cells on the {height}x{width} model input "
-                               f"({height / stride:.4g} x {width / stride:.4g}); choose a stride that divides both "
-                               f"sides, e.g. one of the bundle's own ({offered})")
-        k = min(k for k, value in native.items() if value <= stride)
-        return Density(k, float(stride))
+        """The density asked for by ``iterations`` or ``stride`` (:func:`resolve_density`)."""
+        return resolve_density(self.runtime, iterations, stride, input_size)
 
     def id_density(self, fid: str) -> Density | None:
         """The density a feature id was issued for (None if it is not a feature id)."""
