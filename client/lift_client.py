@@ -365,6 +365,7 @@ class _Core:
     def similarity_call(
         self, image: bytes | None, feature_id: str | None, target: bytes | None, target_id: str | None,
         x: float, y: float, fmt: str, overlay: bool, alpha: float, density: Density, reuse: bool,
+        scale: str = "auto",
     ) -> _Call:
         if fmt not in ("npy", "png"):
             raise ValueError(f"format must be 'npy' or 'png', got {fmt!r}")
@@ -372,7 +373,7 @@ class _Core:
             raise ValueError("give an image or a feature_id")
         params: dict[str, Any] = {"x": x, "y": y, "format": fmt, **_density_params(density)}
         if fmt == "png":
-            params.update(overlay=overlay, alpha=alpha)
+            params.update(overlay=overlay, alpha=alpha, scale=scale)
         call = _Call("POST", "/v1/similarity", params)
         self._attach(call, "image", "feature_id", image, feature_id, density, reuse)
         if target is not None or target_id is not None:
@@ -552,9 +553,9 @@ class LiftClient:
         return self._core.features_array(response, datas, density, many)
 
     def similarity(self, image: ImageInput | None, x: float, y: float, target: ImageInput | None = None,
-                   format: Literal["npy", "png"] = "npy", overlay: bool = True, alpha: float = 0.6,
+                   format: Literal["npy", "png"] = "npy", overlay: bool = False, alpha: float = 0.6,
                    iterations: int | None = None, stride: float | None = None, feature_id: str | None = None,
-                   target_id: str | None = None) -> np.ndarray | bytes:
+                   target_id: str | None = None, scale: Literal["auto", "absolute"] = "auto") -> np.ndarray | bytes:
         """``POST /v1/similarity``: cosine similarity of the descriptor at (x, y) to every cell.
 
         Args:
@@ -563,7 +564,9 @@ class LiftClient:
             target: compare against this image instead of the queried one (or ``target_id``).
             format: ``npy`` -> [h, w] float32 map on the target's feature grid; ``png`` -> PNG bytes
                 of the colour-mapped map at the target's original size.
-            overlay, alpha: PNG only: blend the map over the target image with this opacity.
+            overlay, alpha: PNG only: blend the map over the target image with this opacity (default
+                off, as the server's).
+            scale: PNG only: ``auto`` colours the map's own range, ``absolute`` cosine -1 to 1.
             iterations, stride: the density, as for :meth:`features`.
             feature_id, target_id: ids from earlier calls, instead of the images.
         """
@@ -572,7 +575,7 @@ class LiftClient:
 
         def build(reuse: bool) -> _Call:
             return self._core.similarity_call(img, feature_id, tgt, target_id, x, y, format, overlay, alpha,
-                                              density, reuse)
+                                              density, reuse, scale)
 
         response = self._with_fresh_ids(build)
         self._core.learn_similarity(response, img, tgt, density)
@@ -688,16 +691,17 @@ class AsyncLiftClient:
         return self._core.features_array(response, datas, density, many)
 
     async def similarity(self, image: ImageInput | None, x: float, y: float, target: ImageInput | None = None,
-                         format: Literal["npy", "png"] = "npy", overlay: bool = True, alpha: float = 0.6,
+                         format: Literal["npy", "png"] = "npy", overlay: bool = False, alpha: float = 0.6,
                          iterations: int | None = None, stride: float | None = None, feature_id: str | None = None,
-                         target_id: str | None = None) -> np.ndarray | bytes:
+                         target_id: str | None = None,
+                         scale: Literal["auto", "absolute"] = "auto") -> np.ndarray | bytes:
         """See :meth:`LiftClient.similarity`: [h, w] float32 map, or PNG bytes."""
         density = _density(iterations, stride)
         img, tgt = _optional_bytes(image), _optional_bytes(target)
 
         def build(reuse: bool) -> _Call:
             return self._core.similarity_call(img, feature_id, tgt, target_id, x, y, format, overlay, alpha,
-                                              density, reuse)
+                                              density, reuse, scale)
 
         response = await self._with_fresh_ids(build)
         self._core.learn_similarity(response, img, tgt, density)

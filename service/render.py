@@ -61,18 +61,27 @@ def map_to_image(sim: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def colour_range(sim: np.ndarray, geometry: ImageGeometry, scale: str = "auto") -> tuple[float, float]:
+    """The similarities at the two ends of the colour ramp: the map's own range over the image's
+    cells (``auto``), or the whole cosine range -1 to 1 (``absolute``, the same colours for every map)."""
+    if scale == "absolute":
+        return -1.0, 1.0
+    rows, cols = geometry.content_grid
+    return float(sim[:rows, :cols].min()), float(sim[:rows, :cols].max())
+
+
 def heatmap_png_image(sim: np.ndarray, geometry: ImageGeometry, image: Image.Image | None,
-                      alpha: float) -> Image.Image:
+                      alpha: float, scale: str = "auto") -> Image.Image:
     """The similarity map as a picture at the original image's size.
 
-    Colours span the map's own range over the image's cells (lowest similarity -> dark blue, the
-    queried point's 1 -> yellow), quantised to 256 levels, so the structure stays visible whatever the
-    absolute values. Without ``image``: a palette (``P``) image, which encodes to PNG about three
+    Colours span :func:`colour_range` (``auto``: the map's own range over the image's cells, lowest
+    similarity -> dark blue, the queried point's 1 -> yellow, so the structure stays visible whatever
+    the values; ``absolute``: cosine -1 -> dark blue, 1 -> yellow, comparable between maps),
+    quantised to 256 levels. Without ``image``: a palette (``P``) image, which encodes to PNG about three
     times faster than RGB. With ``image``: RGB, ``alpha`` * heat + (1 - ``alpha``) * image.
     """
     full = map_to_image(sim, geometry)
-    rows, cols = geometry.content_grid
-    lo, hi = float(sim[:rows, :cols].min()), float(sim[:rows, :cols].max())
+    lo, hi = colour_range(sim, geometry, scale)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     levels = np.clip(np.rint((full - lo) * scale), 0, 255).astype(np.uint8) if scale else np.full(full.shape, 255,
                                                                                                    np.uint8)

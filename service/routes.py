@@ -23,7 +23,7 @@ from lift_serve.service.errors import ServiceError, error_body
 from lift_serve.service.features import FeatureService, request_of
 from lift_serve.service.pca import fit_basis, pca_image, side_by_side
 from lift_serve.service.predictor import DensePredictor, Matches
-from lift_serve.service.render import heatmap_png_image, match_png_image
+from lift_serve.service.render import colour_range, heatmap_png_image, match_png_image
 from lift_serve.service.schemas import (
     FEATURE_HEADERS,
     MATCH_HEADERS,
@@ -322,7 +322,7 @@ async def models(state: StateDep, pipeline: PipelineDep):
             "max_response_bytes": pipeline.max_response_bytes, "cache_bytes": pipeline.cache_bytes,
             "features.format": ["npy", "json"], "features.dtype": ["float32", "float16"],
             "similarity.format": ["png", "npy", "json"], "similarity.alpha": {"min": 0.0, "max": 1.0, "default": 0.6},
-            "similarity.overlay": {"default": False},
+            "similarity.overlay": {"default": False}, "similarity.scale": ["auto", "absolute"],
             "match.format": ["json", "png"], "match.max_matches": {"min": 1, "max": 10000, "default": 200},
             "match.min_score": {"min": -1.0, "max": 1.0, "default": 0.0},
             "max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
@@ -467,7 +467,7 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
         "map plus how the grid maps onto the images. Headers `X-Feature-Id` / `X-Target-Feature-Id` let the "
         "next click skip the upload; `X-Query-Cell` is `row,col`; `X-Feature-Stride`, `X-Input-Size` (`HxW`) "
         "and `X-Image-Size` (`WxH`) describe the target's grid as in /v1/features."),
-    dependencies=[only_query("x", "y", "format", "overlay", "alpha", "iterations", "stride", "feature_id",
+    dependencies=[only_query("x", "y", "format", "overlay", "alpha", "scale", "iterations", "stride", "feature_id",
                              "target_id")],
     openapi_extra=multipart_doc({"image": "source image (or feature_id)", "target": "optional target image"},
                                 {"feature_id": "id from an earlier response instead of `image`",
@@ -490,6 +490,9 @@ async def similarity(
     overlay: bool = Query(False, description="png only: blend the heat map over the target image (slower: an "
                           "RGB PNG of the photo instead of a palette PNG)", examples=[True]),
     alpha: float = Query(0.6, ge=0.0, le=1.0, description="png overlay opacity of the heat map", examples=[0.6]),
+    scale: Literal["auto", "absolute"] = Query("auto", description="png colours: auto = the map's own range, "
+                                               "absolute = cosine -1 to 1 (comparable between maps); the range "
+                                               "is in X-Colour-Range", examples=["absolute"]),
     iterations: int | None = ITERATIONS_QUERY,
     stride: float | None = STRIDE_QUERY,
     feature_id: str | None = Query(None, description="source features from an earlier response (X-Feature-Id)",
@@ -513,25 +516,28 @@ async def similarity(
     sim, (row, col) = result.map, result.cell
     input_size, image_size = _size_text(target)
     # The map is on the TARGET's grid: these say how that grid lies on the target image (as /v1/features).
+    low, high = colour_range(sim, target.geometry, scale)
     headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"{row},{col}",
                "X-Feature-Stride": f"{target.geometry.stride:g}", "X-Input-Size": input_size,
-               "X-Image-Size": image_size}
+               "X-Image-Size": image_size, "X-Colour-Range": f"{low:.6g},{high:.6g}"}
     if format == "npy":
         return Response(encode_npy(sim), media_type=NPY, headers=headers)
     if format == "json":
         return JSONResponse({
             "similarity": sim.tolist(), "shape": list(sim.shape),
             "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(result.cell_center)},
+            "colour_range": {"scale": scale, "low": low, "high": high},
             "source": source.geometry.describe(), "target": target.geometry.describe(),
             "feature_id": source.id, "target_feature_id": target.id,
         }, headers=headers)
-    png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, settings.max_pixels)
+    png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, scale, settings.max_pixels)
     return Response(png, media_type="image/png", headers=headers)
 
 
-def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha: float, max_pixels: int) -> bytes:
+def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha: float, scale: str,
+                    max_pixels: int) -> bytes:
     image = decode_image(target.image_bytes, max_pixels) if overlay else None
-    return encode_png(heatmap_png_image(sim, target.geometry, image, alpha))
+    return encode_png(heatmap_png_image(sim, target.geometry, image, alpha, scale))
 
 
 # -- visualize --------------------------------------------------------------------------------------

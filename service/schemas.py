@@ -135,6 +135,7 @@ SIMILARITY_HEADERS = {
     "X-Feature-Stride": header("input pixels per cell of the target's grid", "8"),
     "X-Input-Size": header("the target's model input HxW", "224x224"),
     "X-Image-Size": header("the target's original WxH", "640x480"),
+    "X-Colour-Range": header("similarities at the two ends of the PNG's colour ramp: low,high", "0.12,1"),
 }
 VISUALIZE_HEADERS = {
     "X-Feature-Id": header("the image's feature id", "3f7a…-k1-sq-224x224"),

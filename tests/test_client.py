@@ -192,8 +192,11 @@ def test_similarity_png_is_at_the_original_size(client):
     data = client.similarity(image, 10, 10, format="png")
     assert data[:8] == PNG_MAGIC
     assert Image.open(io.BytesIO(data)).size == (80, 60)
-    plain = client.similarity(image, 10, 10, format="png", overlay=False)
-    assert plain != data  # the overlay blends the image in
+    blended = client.similarity(image, 10, 10, format="png", overlay=True)
+    assert blended != data  # the overlay (off by default, as the server's) blends the image in
+    assert Image.open(io.BytesIO(data)).mode == "P" and Image.open(io.BytesIO(blended)).mode == "RGB"
+    fixed = client.similarity(image, 10, 10, format="png", scale="absolute")
+    assert fixed != data and Image.open(io.BytesIO(fixed)).size == (80, 60)
 
 
 def test_cross_image_similarity_uses_the_target_grid(client):

@@ -145,6 +145,8 @@ def _page_with_image(driver, url: str, window: tuple[int, int], image: Path):
 
 
 def test_click_a_point_page(server_url, browser, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
     driver = browser
     driver.set_window_size(1280, 860)
     driver.get(server_url + "/")
@@ -199,6 +201,12 @@ def test_click_a_point_page(server_url, browser, tmp_path):
                           "s.dispatchEvent(new Event('input'));")
     assert float(heat.value_of_css_property("opacity")) == pytest.approx(0.25, abs=0.01)
     assert _maps(driver) == maps
+    # The legend states the range the colours span; the absolute scale spans -1 to 1.
+    assert driver.find_element("id", "legend-high").text.startswith("1.00")
+    Select(driver.find_element("id", "scale")).select_by_value("absolute")
+    _wait(driver, lambda d: d.find_element("id", "legend-low").text.startswith("-1.00"),
+          "the absolute scale did not redraw with its range")
+    Select(driver.find_element("id", "scale")).select_by_value("auto")
 
     shot = os.environ.get("LIFT_PAGE_SCREENSHOT")
     if shot:
@@ -209,8 +217,6 @@ def test_click_a_point_page(server_url, browser, tmp_path):
 
     # Iterations 0: coarser map, same point, still works, and the image is not sent again: the
     # feature id serves every density (the server keeps its backbone features).
-    from selenium.webdriver.support.ui import Select
-
     def uploads() -> float:
         text = httpx.get(f"{server_url}/metrics").text
         return sum(float(line.split()[-1]) for line in text.splitlines()
@@ -313,7 +319,8 @@ def test_marker_stays_on_its_point_when_the_layout_changes(server_url, browser, 
     before = driver.execute_script(MARKER_FRACTION)
     assert before == pytest.approx([0.25, 0.25], abs=0.02)
     width = stage.rect["width"]
-    driver.execute_script("document.querySelector('.layout').style.gridTemplateColumns = '240px 360px'")
+    # Narrow enough to reflow whatever the page's height leaves the image (the weights banner takes some).
+    driver.execute_script("document.querySelector('.layout').style.gridTemplateColumns = '240px 300px'")
     _wait(driver, lambda d: stage.rect["width"] < 0.8 * width, "the layout did not change")
     _wait(driver, lambda d: d.execute_script(MARKER_FRACTION) == pytest.approx(before, abs=0.01),
           f"the marker left its point after a reflow: {driver.execute_script(MARKER_FRACTION)} != {before}")

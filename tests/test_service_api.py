@@ -206,6 +206,18 @@ def test_click_on_a_bright_square_lights_up_the_square(tiny_bundle, runtime, pol
         blended = client.post(f"/v1/similarity?x=75&y=45&overlay=true&alpha=0.5&feature_id={fid}")
         assert blended.status_code == 200 and Image.open(io.BytesIO(blended.content)).size == (150, 100)
 
+        # The colour scale is stated: auto = the map's own range over the image, absolute = -1 to 1.
+        low, high = map(float, r.headers["x-colour-range"].split(","))
+        assert high == 1.0 and float(sim.min()) - 1e-6 <= low < high  # keep_aspect: the cells on the image only
+        if policy == "square":
+            assert low == pytest.approx(float(sim.min()), rel=1e-5)
+        assert info["colour_range"] == {"scale": "auto", "low": pytest.approx(low, rel=1e-5), "high": 1.0}
+        fixed = client.post(f"/v1/similarity?x=75&y=45&scale=absolute&feature_id={fid}")
+        assert fixed.headers["x-colour-range"] == "-1,1"
+        levels = np.asarray(Image.open(io.BytesIO(fixed.content)))  # palette indices: 0 = -1, 255 = +1
+        assert levels.max() == 255 and levels.min() >= round((low + 1) / 2 * 255) - 1
+        assert client.post(f"/v1/similarity?x=75&y=45&scale=log&feature_id={fid}").status_code == 422
+
 
 def test_cross_image_similarity_follows_a_rescaled_copy(client):
     pixels = blocks(64, 96, seed=2)

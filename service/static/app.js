@@ -410,6 +410,14 @@ function keepMarkerOnItsPoint(slot) {
   placeMarker(slot, Number(marker.dataset.x), Number(marker.dataset.y));
 }
 
+function showColourRange(header) {
+  // The similarities at the ramp's two ends, as the server coloured them (X-Colour-Range: low,high).
+  const [low, high] = String(header || "").split(",").map(Number);
+  if (!Number.isFinite(low) || !Number.isFinite(high)) return;
+  $("legend-low").textContent = `${low.toFixed(2)} (least similar)`;
+  $("legend-high").textContent = `${high.toFixed(2)}${high === 1 ? " (the clicked point)" : ""}`;
+}
+
 function clearMaps() {
   for (const slot of ["a", "b"]) {
     const heat = $(`heat-${slot}`);
@@ -460,7 +468,7 @@ async function showSimilarity({ slot, x, y }) {
     const body = new FormData();
     body.append("feature_id", await featureId(source));
     if (target !== source) body.append("target_id", await featureId(target));
-    const params = { x, y, format: "png", overlay: false, ...densityParams() };
+    const params = { x, y, format: "png", overlay: false, scale: $("scale").value, ...densityParams() };
     return api(`v1/similarity?${query(params)}`, { method: "POST", body });
   });
   const blob = await response.blob();
@@ -475,6 +483,7 @@ async function showSimilarity({ slot, x, y }) {
   other.hidden = true;
   heat.hidden = false;
   heat.style.opacity = String($("opacity").value / 100);
+  showColourRange(response.headers.get("X-Colour-Range"));
   const elapsed = performance.now() - started;
   state.maps += 1;
   state.lastClick = { slot, x, y };
@@ -725,6 +734,9 @@ function bindControls() {
   $("opacity").addEventListener("input", (e) => {
     $("opacity-value").textContent = `${e.target.value} %`;
     for (const slot of ["a", "b"]) $(`heat-${slot}`).style.opacity = String(e.target.value / 100);
+  });
+  $("scale").addEventListener("change", () => {
+    if (state.mode === "similarity" && state.lastClick) requestPoint(state.lastClick);
   });
   $("iterations").addEventListener("change", (e) => {
     chooseDensity(e.target.value);
