@@ -23,6 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from lift_serve.service.auth import ApiKeyMiddleware
 from lift_serve.service.codec import ImageError
+from lift_serve.service.docs import install_docs
 from lift_serve.service.errors import error_body, install_error_handlers
 from lift_serve.service.features import FeatureService
 from lift_serve.service.metrics import ServiceMetrics
@@ -34,7 +35,8 @@ logger = logging.getLogger("lift.service")
 
 # Headers a browser page may read from a cross-origin response.
 EXPOSED_HEADERS = ["X-Feature-Id", "X-Target-Feature-Id", "X-Feature-Id-A", "X-Feature-Id-B", "X-Feature-Shape",
-                   "X-Feature-Stride", "X-Input-Size", "X-Image-Size", "X-Query-Cell", "Retry-After"]
+                   "X-Feature-Stride", "X-Input-Size", "X-Image-Size", "X-Query-Cell", "X-Colour-Range",
+                   "X-Basis-Feature-Id", "X-PCA-Explained-Variance", "Retry-After"]
 
 
 class ConfigError(ValueError):
@@ -176,11 +178,14 @@ def create_app(settings: Settings | None = None, runtime=None,
         # No trailing-slash redirects: Starlette builds their Location from the Host header, so any
         # client could make the server redirect to a host of its choosing. /v1/models/ is a 404.
         redirect_slashes=False,
+        docs_url=None,  # /docs comes from the packaged Swagger UI (service/docs.py), not a CDN
+        redoc_url=None,
     )
     app.state.service = ServiceState(settings, runtime, demo_exporter)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app, domain_errors={PredictionError: 422, ImageError: None})
     app.include_router(router)
+    install_docs(app)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     keys = settings.api_key_set()

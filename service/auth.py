@@ -15,7 +15,7 @@ import json
 from lift_serve.service.errors import error_body
 
 OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/static/", "/docs/assets/")
 
 
 def _needs_key(path: str) -> bool:

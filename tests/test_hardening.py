@@ -142,7 +142,7 @@ def test_without_a_key_the_api_is_401_and_health_stays_open(keyed):
         assert r.status_code == 401, path
         assert r.headers["www-authenticate"].startswith("Bearer")
         assert r.json()["error"]["code"] == "unauthorized" and "Authorization: Bearer" in r.json()["error"]["message"]
-    for path in ("/healthz", "/readyz", "/", "/docs", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/assets/swagger-ui.css"):
         assert keyed.get(path).status_code == 200, path
 
 

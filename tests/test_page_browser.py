@@ -408,3 +408,13 @@ def test_page_sends_the_api_key_it_is_given(tiny_bundle, browser, tmp_path):
         _wait(browser, lambda d: "empty" not in stage.get_attribute("class"), "the uploaded image was not shown")
         _click_and_wait(browser, stage, 0.5, 0.5)
         browser.execute_script("sessionStorage.clear()")
+
+
+def test_docs_render_without_the_internet(server_url, browser):
+    """/docs is Swagger UI served by the server itself: it renders every endpoint with no network
+    (the browser runs with background networking off and nothing outside 127.0.0.1 reachable)."""
+    browser.get(server_url + "/docs")
+    _wait(browser, lambda d: len(d.find_elements("css selector", ".opblock")) >= 5,
+          "Swagger UI did not render the endpoints")
+    paths = {e.text for e in browser.find_elements("css selector", ".opblock-summary-path")}
+    assert {"/v1/features", "/v1/similarity", "/v1/match", "/v1/visualize"} <= paths

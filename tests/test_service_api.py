@@ -45,7 +45,13 @@ def test_health_models_metrics_docs(client):
     params = {p["name"]: p for p in schema["paths"]["/v1/similarity"]["post"]["parameters"]}
     assert params["x"]["description"].startswith("point x in the ORIGINAL") and params["x"]["schema"]["examples"]
     assert "multipart/form-data" in schema["paths"]["/v1/match"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
+    # /docs without a CDN: the page loads Swagger UI from the server itself.
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn." not in docs.text and "unpkg" not in docs.text
+    script = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200 and client.get("/redoc").status_code == 404
 
 
 def test_openapi_declares_every_answer_shape_and_header(client):
