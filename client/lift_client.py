@@ -269,7 +269,9 @@ def _features_result(response: httpx.Response) -> list[Features]:
     stride = response.headers.get("x-feature-stride")
     out = []
     for i, arr in enumerate(arrays):
-        input_hw = _ints(input_sizes[i] if i < len(input_sizes) else None, "x")
+        # Every size header is WIDTHxHEIGHT; input_size keeps the array order (height, width).
+        input_wh = _ints(input_sizes[i] if i < len(input_sizes) else None, "x")
+        input_hw = (input_wh[1], input_wh[0]) if input_wh and len(input_wh) == 2 else None
         image_wh = _ints(image_sizes[i] if i < len(image_sizes) else None, "x")
         out.append(
             Features(

@@ -260,8 +260,10 @@ def _density(iterations: int | None, stride: float | None) -> tuple[int | None, 
 
 
 def _size_text(entry: FeatureEntry) -> tuple[str, str]:
+    """(model input, original image) sizes for the headers: WIDTHxHEIGHT, the one convention of every
+    size header (an image's own order; array shapes such as X-Feature-Shape stay C,h,w)."""
     g = entry.geometry
-    return f"{g.input_height}x{g.input_width}", f"{g.width}x{g.height}"
+    return f"{g.input_width}x{g.input_height}", f"{g.width}x{g.height}"
 
 
 # -- info -------------------------------------------------------------------------------------------
@@ -345,7 +347,7 @@ STRIDE_QUERY = Query(None, gt=0, le=1024, description="instead of iterations: in
         "Send images as multipart fields named `image` (repeatable) or one image as the raw body "
         "(`Content-Type: image/*`). `npy` (default): one image -> `[C, h, w]`, several -> `[N, C, h, w]` "
         "(all must get the same model input size; else use json). Headers: `X-Feature-Shape` (body shape, "
-        "comma-separated), `X-Feature-Stride` (input pixels per cell), `X-Input-Size` (model input `HxW`), "
+        "comma-separated), `X-Feature-Stride` (input pixels per cell), `X-Input-Size` (model input `WxH`), "
         "`X-Image-Size` (original `WxH`), `X-Feature-Id` (comma-separated for several). `json`: "
         '`{"features": [{"id", "shape", "stride", "input_size", "image_size", "geometry", "dtype", "data"}]}` '
         "with `data` nested lists `[C][h][w]`."),
@@ -465,7 +467,7 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
         "similarity is exactly 1. `png` (default): colour-mapped heat map at the target's original size "
         "(blended over it with `overlay=true`); `npy`: the `[h, w]` map on the feature grid; `json`: the "
         "map plus how the grid maps onto the images. Headers `X-Feature-Id` / `X-Target-Feature-Id` let the "
-        "next click skip the upload; `X-Query-Cell` is `row,col`; `X-Feature-Stride`, `X-Input-Size` (`HxW`) "
+        "next click skip the upload; `X-Query-Cell` is `row=R,col=C`; `X-Feature-Stride`, `X-Input-Size` (`WxH`) "
         "and `X-Image-Size` (`WxH`) describe the target's grid as in /v1/features."),
     dependencies=[only_query("x", "y", "format", "overlay", "alpha", "scale", "iterations", "stride", "feature_id",
                              "target_id")],
@@ -517,7 +519,7 @@ async def similarity(
     input_size, image_size = _size_text(target)
     # The map is on the TARGET's grid: these say how that grid lies on the target image (as /v1/features).
     low, high = colour_range(sim, target.geometry, scale)
-    headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"{row},{col}",
+    headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"row={row},col={col}",
                "X-Feature-Stride": f"{target.geometry.stride:g}", "X-Input-Size": input_size,
                "X-Image-Size": image_size, "X-Colour-Range": f"{low:.6g},{high:.6g}"}
     if format == "npy":

@@ -125,16 +125,16 @@ FEATURE_HEADERS = {
     "X-Feature-Id": header("feature id(s), comma-separated; usable at any density", "3f7a…-k1-sq-224x224"),
     "X-Feature-Shape": header(".npy shape, comma-separated", "384,28,28"),
     "X-Feature-Stride": header("input pixels per feature cell", "8"),
-    "X-Input-Size": header("model input HxW, comma-separated per image", "224x224"),
-    "X-Image-Size": header("original image WxH, comma-separated per image", "640x480"),
+    "X-Input-Size": header("model input WIDTHxHEIGHT, comma-separated per image", "320x224"),
+    "X-Image-Size": header("original image WIDTHxHEIGHT, comma-separated per image", "640x480"),
 }
 SIMILARITY_HEADERS = {
     "X-Feature-Id": header("the source's feature id", "3f7a…-k1-sq-224x224"),
     "X-Target-Feature-Id": header("the target's feature id", "3f7a…-k1-sq-224x224"),
-    "X-Query-Cell": header("row,col of the queried source cell", "12,7"),
+    "X-Query-Cell": header("the queried source cell, labelled", "row=12,col=7"),
     "X-Feature-Stride": header("input pixels per cell of the target's grid", "8"),
-    "X-Input-Size": header("the target's model input HxW", "224x224"),
-    "X-Image-Size": header("the target's original WxH", "640x480"),
+    "X-Input-Size": header("the target's model input WIDTHxHEIGHT", "320x224"),
+    "X-Image-Size": header("the target's original WIDTHxHEIGHT", "640x480"),
     "X-Colour-Range": header("similarities at the two ends of the PNG's colour ramp: low,high", "0.12,1"),
 }
 VISUALIZE_HEADERS = {

@@ -162,7 +162,7 @@ def test_train_export_serve_round_trip(family, tmp_path):
         r = client.post("/v1/features?iterations=1", files={"image": ("a.png", buffer.getvalue())})
         assert r.status_code == 200, r.text
         channels, h, w = (int(v) for v in r.headers["x-feature-shape"].split(","))
-        input_h, input_w = (int(v) for v in r.headers["x-input-size"].split("x"))
+        input_w, input_h = (int(v) for v in r.headers["x-input-size"].split("x"))
         assert channels == 32 and (h, w) == (2 * input_h // runtime.stride(0), 2 * input_w // runtime.stride(0))
         fid = r.headers["x-feature-id"]
         click = client.post("/v1/similarity", params={"x": 10, "y": 20, "feature_id": fid, "format": "npy"})

@@ -139,7 +139,7 @@ def test_features_npy_equal_the_runtime_on_the_planned_input(client, runtime):
     assert features.shape == (32, 8, 12) and features.dtype == np.float32
     assert r.headers["x-feature-shape"] == "32,8,12"
     assert r.headers["x-feature-stride"] == "8"
-    assert r.headers["x-input-size"] == "64x96" and r.headers["x-image-size"] == "150x100"
+    assert r.headers["x-input-size"] == "96x64" and r.headers["x-image-size"] == "150x100"  # both WxH
     geometry = ImageGeometry.plan(150, 100, runtime.sizes, "square", runtime.stride(1))
     expected = runtime.run(geometry.prepare(decode_image(data, 10**6))[None], 1)[0]
     np.testing.assert_array_equal(features, expected)
@@ -201,7 +201,8 @@ def test_click_on_a_bright_square_lights_up_the_square(tiny_bundle, runtime, pol
         assert (box[0] <= xs).all() and (xs < box[2]).all() and (box[1] <= ys).all() and (ys < box[3]).all()
 
         fid = r.headers["x-feature-id"]
-        row, col = map(int, r.headers["x-query-cell"].split(","))
+        row, col = (int(part.split("=")[1]) for part in r.headers["x-query-cell"].split(","))
+        assert r.headers["x-query-cell"] == f"row={row},col={col}"
         sim = _npy(client.post(f"/v1/similarity?x=75&y=45&format=npy&feature_id={fid}"))
         assert sim[row, col] == 1.0 and sim.max() == 1.0 and sim.min() >= -1.0
         info = client.post(f"/v1/similarity?x=75&y=45&format=json&feature_id={fid}").json()
@@ -239,7 +240,7 @@ def test_cross_image_similarity_follows_a_rescaled_copy(client):
         assert r.headers["x-target-feature-id"] == target_id
         # the map lies on the target's grid; the headers say how (as /v1/features does)
         assert (r.headers["x-image-size"], r.headers["x-input-size"], r.headers["x-feature-stride"]) == (
-            "192x128", "64x96", "8")
+            "192x128", "96x64", "8")
         sim = np.array(body["similarity"])
         assert sim.shape == (8, 12)
         row, col = np.unravel_index(int(sim.argmax()), sim.shape)
