@@ -249,6 +249,32 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     assert driver.find_element("id", "heat-b").is_displayed()
     assert not driver.find_element("id", "heat-a").is_displayed()
     assert driver.execute_script("return document.getElementById('heat-b').naturalWidth") == 128
+    # ...with the best match marked on it, where the server's map is highest (checked by hand from its JSON).
+    _wait(driver, lambda d: stage_b.get_attribute("data-best-match"), "the best match was not marked")
+    best = driver.find_element("id", "marker-b")
+    assert best.is_displayed() and "best" in best.get_attribute("class")
+    assert driver.find_element("id", "marker-a").is_displayed()  # the clicked point stays marked
+    fid_a, fid_b, point, density = driver.execute_script(
+        "return [state.images.a.id, state.images.b.id, state.lastClick, state.density]")
+    body = httpx.post(f"{server_url}/v1/similarity", params={"x": point["x"], "y": point["y"], "format": "json",
+                                                             **density},
+                      data={"feature_id": fid_a, "target_id": fid_b}).json()
+    sim = np.array(body["similarity"])
+    row, col = np.unravel_index(int(sim.argmax()), sim.shape)
+    g = body["target"]
+    expected = ((col + 0.5) * g["stride"] * 128 / g["content_size"]["width"],
+                (row + 0.5) * g["stride"] * 96 / g["content_size"]["height"])
+    shown = [int(v) for v in stage_b.get_attribute("data-best-match").split(",")]
+    assert shown == [round(expected[0]), round(expected[1])]
+    # The score under the cursor, read from the map's values.
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).move_to_element_with_offset(stage_b, 0, 0).perform()
+    _wait(driver, lambda d: d.find_element("id", "hover-value").text.startswith("similarity "),
+          "no score under the cursor")
+    # Downloads: the PNG shown and the map's values.
+    assert driver.find_element("id", "download-png").is_displayed()
+    assert driver.find_element("id", "download-npy").is_displayed()
 
     # Matches view: lines drawn from /v1/match.
     driver.find_element("id", "tab-matches").click()
@@ -266,6 +292,7 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     error = driver.find_element("id", "error")
     _wait(driver, lambda d: error.is_displayed(), "the API error was not shown")
     assert expected in error.text
+    assert driver.execute_script("return document.getElementById('file-a').value") == ""  # input reset
     # The image already shown stays (a failed upload replaces nothing).
     assert "empty" not in stage.get_attribute("class") and "a.png" in driver.find_element("id", "caption-a").text
     # Dismissable, and the page still works afterwards.

@@ -298,6 +298,7 @@ async function setImage(slot, file) {
   } catch (err) {
     URL.revokeObjectURL(url);
     caption.textContent = shown;
+    $(`file-${slot}`).value = ""; // the rejected file is not left selected (choosing it again retries)
     showError(err);
   } finally {
     state.loading -= 1;
@@ -390,7 +391,7 @@ function pointFromEvent(slot, event) {
   return { slot, x: Math.round(x * 100) / 100, y: Math.round(y * 100) / 100 };
 }
 
-function placeMarker(slot, x, y) {
+function placeMarker(slot, x, y, keepOther = false) {
   const image = state.images[slot];
   const box = contentBox(slot);
   const marker = $(`marker-${slot}`);
@@ -399,7 +400,7 @@ function placeMarker(slot, x, y) {
   marker.hidden = false;
   marker.dataset.x = String(x);
   marker.dataset.y = String(y);
-  $(`marker-${otherSlot(slot)}`).hidden = true;
+  if (!keepOther) $(`marker-${otherSlot(slot)}`).hidden = true;
 }
 
 function keepMarkerOnItsPoint(slot) {
@@ -407,7 +408,7 @@ function keepMarkerOnItsPoint(slot) {
   // scrollbar or banner appearing, the panel reflowing), put it back on its point of the image.
   const marker = $(`marker-${slot}`);
   if (marker.hidden || !state.images[slot] || marker.dataset.x === undefined) return;
-  placeMarker(slot, Number(marker.dataset.x), Number(marker.dataset.y));
+  placeMarker(slot, Number(marker.dataset.x), Number(marker.dataset.y), true);
 }
 
 function showColourRange(header) {
@@ -418,6 +419,93 @@ function showColourRange(header) {
   $("legend-high").textContent = `${high.toFixed(2)}${high === 1 ? " (the clicked point)" : ""}`;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The shown map's values: the score under the cursor, the best match on the other image, downloads
+
+async function mapJson(shown) {
+  const body = new FormData();
+  body.append("feature_id", shown.ids.source);
+  if (shown.ids.target !== shown.ids.source) body.append("target_id", shown.ids.target);
+  const params = { x: shown.point.x, y: shown.point.y, format: "json", ...densityParams() };
+  return (await api(`v1/similarity?${query(params)}`, { method: "POST", body })).json();
+}
+
+async function loadMapValues(shown, crossImage) {
+  try {
+    const data = await mapJson(shown);
+    if (state.shown !== shown) return; // another map has been drawn meanwhile
+    shown.values = data;
+    if (crossImage) placeBestMatch(shown.slot, data);
+  } catch (_) {
+    // hover values and the best-match marker are extras: the map itself is shown
+  }
+}
+
+function cellOf(geometry, x, y) {
+  // As the server's geometry: original pixels -> model input -> feature cell.
+  const u = (x * geometry.content_size.width) / geometry.image_size.width;
+  const v = (y * geometry.content_size.height) / geometry.image_size.height;
+  return [Math.floor(v / geometry.stride), Math.floor(u / geometry.stride)];
+}
+
+function placeBestMatch(slot, data) {
+  // The target cell most similar to the clicked point, among the cells on the image.
+  const g = data.target;
+  const rows = Math.max(1, Math.ceil(g.content_size.height / g.stride - 0.5));
+  const cols = Math.max(1, Math.ceil(g.content_size.width / g.stride - 0.5));
+  let best = [0, 0];
+  for (let r = 0; r < Math.min(rows, data.similarity.length); r++) {
+    for (let c = 0; c < Math.min(cols, data.similarity[r].length); c++) {
+      if (data.similarity[r][c] > data.similarity[best[0]][best[1]]) best = [r, c];
+    }
+  }
+  const x = ((best[1] + 0.5) * g.stride * g.image_size.width) / g.content_size.width;
+  const y = ((best[0] + 0.5) * g.stride * g.image_size.height) / g.content_size.height;
+  placeMarker(slot, x, y, true); // the clicked point's marker stays on the other image
+  $(`marker-${slot}`).classList.add("best");
+  $(`marker-${slot}`).title = `best match: ${data.similarity[best[0]][best[1]].toFixed(3)}`;
+  $("stage-" + slot).dataset.bestMatch = `${Math.round(x)},${Math.round(y)}`;
+}
+
+function showValueUnderCursor(slot, event) {
+  const shown = state.shown;
+  if (!shown || shown.kind !== "similarity" || shown.slot !== slot || !shown.values) return;
+  const point = pointFromEvent(slot, event);
+  if (!point) return;
+  const [row, col] = cellOf(shown.values.target, point.x, point.y);
+  const line = shown.values.similarity[row];
+  if (!line || line[col] === undefined) return;
+  $("hover-value").textContent = `similarity ${line[col].toFixed(3)} at (${Math.round(point.x)}, ` +
+    `${Math.round(point.y)}), ` +
+    `cell row ${row}, col ${col}`;
+}
+
+function download(url, name) {
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+}
+
+async function downloadNpy() {
+  const shown = state.shown;
+  if (!shown || shown.kind !== "similarity") return;
+  const body = new FormData();
+  body.append("feature_id", shown.ids.source);
+  if (shown.ids.target !== shown.ids.source) body.append("target_id", shown.ids.target);
+  const params = { x: shown.point.x, y: shown.point.y, format: "npy", ...densityParams() };
+  try {
+    const blob = await (await api(`v1/similarity?${query(params)}`, { method: "POST", body })).blob();
+    const url = URL.createObjectURL(blob);
+    download(url, "similarity.npy");
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (err) {
+    showError(err);
+  }
+}
+
 function clearMaps() {
   for (const slot of ["a", "b"]) {
     const heat = $(`heat-${slot}`);
@@ -426,8 +514,12 @@ function clearMaps() {
     heat.alt = "similarity map";
     heat.hidden = true;
     $(`marker-${slot}`).hidden = true;
+    $(`marker-${slot}`).classList.remove("best");
+    delete $(`stage-${slot}`).dataset.bestMatch;
   }
   state.lastClick = null;
+  state.shown = null;
+  $("hover-value").textContent = "";
 }
 
 function requestPoint(point) {
@@ -462,6 +554,8 @@ async function showSimilarity({ slot, x, y }) {
   if (!source) return;
   const targetSlot = state.images[otherSlot(slot)] ? otherSlot(slot) : slot;
   const target = state.images[targetSlot];
+  $(`marker-${slot}`).classList.remove("best");
+  $(`marker-${slot}`).title = "";
   placeMarker(slot, x, y);
   const started = performance.now();
   const response = await withFreshIds(async () => {
@@ -484,6 +578,9 @@ async function showSimilarity({ slot, x, y }) {
   heat.hidden = false;
   heat.style.opacity = String($("opacity").value / 100);
   showColourRange(response.headers.get("X-Colour-Range"));
+  state.shown = { kind: "similarity", slot: targetSlot, png: url, point: { slot, x, y },
+                  ids: { source: await featureId(source), target: await featureId(target) } };
+  loadMapValues(state.shown, target !== source);
   const elapsed = performance.now() - started;
   state.maps += 1;
   state.lastClick = { slot, x, y };
@@ -685,6 +782,7 @@ async function showFeatures() {
       });
       picture.alt = "features: 3 principal components as RGB";
       picture.hidden = false;
+      if (slot === "a") state.shown = { kind: "features", slot, png: url };
     }
     $("status").textContent = "features: principal components 1-3 as red, green, blue";
   } catch (err) {
@@ -735,6 +833,13 @@ function bindControls() {
     $("opacity-value").textContent = `${e.target.value} %`;
     for (const slot of ["a", "b"]) $(`heat-${slot}`).style.opacity = String(e.target.value / 100);
   });
+  $("download-png").addEventListener("click", () => {
+    if (state.shown) download(state.shown.png, state.shown.kind === "features" ? "features.png" : "similarity.png");
+  });
+  $("download-npy").addEventListener("click", downloadNpy);
+  for (const slot of ["a", "b"]) {
+    $(`stage-${slot}`).addEventListener("pointermove", (event) => showValueUnderCursor(slot, event));
+  }
   $("scale").addEventListener("change", () => {
     if (state.mode === "similarity" && state.lastClick) requestPoint(state.lastClick);
   });
