@@ -281,6 +281,11 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     canvas = driver.find_element("id", "match-canvas")
     _wait(driver, lambda d: int(canvas.get_attribute("data-matches") or 0) > 0, "no matches were drawn")
     assert "matches" in driver.find_element("id", "match-info").text
+    # A legend for the scores, and the lines in the server's ramp (its top is yellow: 255, 240, 40).
+    _wait(driver, lambda d: d.find_element("id", "match-legend").is_displayed(), "no legend for the match scores")
+    assert "(best)" in driver.find_element("id", "match-legend-high").text
+    assert driver.execute_script("return scoreColour(1, 0, 1)") == "rgb(255, 240, 40)"
+    assert driver.execute_script("return scoreColour(0, 0, 1)") == "rgb(20, 12, 80)"
     driver.find_element("id", "tab-similarity").click()
 
     # An API error is shown to the person, with the server's message.

@@ -693,10 +693,26 @@ async function runMatches() {
   }
 }
 
+// The server's ramp (service/render.py: heat maps and match drawings), dark blue -> yellow.
+const RAMP = [[0, [20, 12, 80]], [0.25, [40, 90, 160]], [0.5, [30, 160, 140]], [0.75, [150, 210, 70]],
+              [1, [255, 240, 40]]];
+
+function rampColour(t) {
+  const v = Math.min(Math.max(t, 0), 1);
+  for (let i = 1; i < RAMP.length; i++) {
+    const [p1, c1] = RAMP[i];
+    const [p0, c0] = RAMP[i - 1];
+    if (v <= p1) {
+      const f = (v - p0) / (p1 - p0);
+      return `rgb(${c0.map((c, k) => Math.round(c + f * (c1[k] - c))).join(", ")})`;
+    }
+  }
+  return "rgb(255, 240, 40)";
+}
+
 function scoreColour(score, lo, hi) {
-  // red (lowest shown) -> yellow -> green (best)
-  const t = hi > lo ? (score - lo) / (hi - lo) : 1;
-  return `hsl(${Math.round(120 * Math.min(Math.max(t, 0), 1))}, 90%, 45%)`;
+  // As the server's match PNG: the lowest score shown -> dark blue, the best -> yellow.
+  return rampColour(hi > lo ? (score - lo) / (hi - lo) : 1);
 }
 
 function drawMatches() {
@@ -748,6 +764,9 @@ function drawMatches() {
     }
   }
   canvas.dataset.matches = String(matches.length);
+  $("match-legend-low").textContent = matches.length ? `${lo.toFixed(2)} (lowest shown)` : "";
+  $("match-legend-high").textContent = matches.length ? `${hi.toFixed(2)} (best)` : "";
+  $("match-legend").hidden = !matches.length;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -801,6 +820,7 @@ function setMode(mode) {
   $("view-matches").hidden = mode !== "matches";
   $("match-controls").hidden = mode !== "matches";
   $("match-hint").hidden = mode !== "matches";
+  if (mode !== "matches") $("match-legend").hidden = true;
   $("hint").hidden = mode === "matches";
   $("legend").hidden = mode !== "similarity";
   if (mode === "matches") runMatches();
