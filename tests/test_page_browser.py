@@ -202,9 +202,9 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     assert float(heat.value_of_css_property("opacity")) == pytest.approx(0.25, abs=0.01)
     assert _maps(driver) == maps
     # The legend states the range the colours span; the absolute scale spans -1 to 1.
-    assert driver.find_element("id", "legend-high").text.startswith("1.00")
+    assert driver.find_element("id", "legend-high").text.startswith("1.000")
     Select(driver.find_element("id", "scale")).select_by_value("absolute")
-    _wait(driver, lambda d: d.find_element("id", "legend-low").text.startswith("-1.00"),
+    _wait(driver, lambda d: d.find_element("id", "legend-low").text.startswith("-1.000"),
           "the absolute scale did not redraw with its range")
     Select(driver.find_element("id", "scale")).select_by_value("auto")
 

@@ -415,8 +415,8 @@ function showColourRange(header) {
   // The similarities at the ramp's two ends, as the server coloured them (X-Colour-Range: low,high).
   const [low, high] = String(header || "").split(",").map(Number);
   if (!Number.isFinite(low) || !Number.isFinite(high)) return;
-  $("legend-low").textContent = `${low.toFixed(2)} (least similar)`;
-  $("legend-high").textContent = `${high.toFixed(2)}${high === 1 ? " (the clicked point)" : ""}`;
+  $("legend-low").textContent = `${low.toFixed(3)} (least similar)`;
+  $("legend-high").textContent = `${high.toFixed(3)}${high === 1 ? " (the clicked point)" : ""}`;
 }
 
 // ---------------------------------------------------------------------------------------------
