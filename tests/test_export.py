@@ -257,3 +257,13 @@ def test_cli_takes_backbone_from_sidecar_unless_named():
     assert spec.name == "vit_small_patch16_224.dino" and spec.weights == "hub"
     named = _spec(parser.parse_args(["--checkpoint", "runs/lift.safetensors", *tiny_args()]))
     assert named.name == "vit_tiny_patch16_224" and named.model_kwargs == tiny_spec_dict()["model_kwargs"]
+
+
+def test_a_bundle_is_readable_by_another_user(tiny_bundle):
+    """The service often runs as another user than the export (the compose export job, a volume):
+    the directory is 0755 and its files 0644, not the 0700 of a temporary directory."""
+    import stat
+
+    assert stat.S_IMODE(tiny_bundle.stat().st_mode) == 0o755
+    for path in tiny_bundle.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path

@@ -286,6 +286,15 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     assert "(best)" in driver.find_element("id", "match-legend-high").text
     assert driver.execute_script("return scoreColour(1, 0, 1)") == "rgb(255, 240, 40)"
     assert driver.execute_script("return scoreColour(0, 0, 1)") == "rgb(20, 12, 80)"
+    # The score of the match under the pointer.
+    spot = driver.execute_script("return state.matchSpots[0]")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    rect = canvas.rect
+    ActionChains(driver).move_to_element_with_offset(
+        canvas, int(spot["ends"][0][0] - rect["width"] / 2), int(spot["ends"][0][1] - rect["height"] / 2)).perform()
+    _wait(driver, lambda d: d.find_element("id", "hover-value").text.startswith("match score "),
+          "no score for the match under the pointer")
     driver.find_element("id", "tab-similarity").click()
 
     # An API error is shown to the person, with the server's message.

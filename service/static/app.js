@@ -480,6 +480,22 @@ function showValueUnderCursor(slot, event) {
     `cell row ${row}, col ${col}`;
 }
 
+function showMatchUnderPointer(event) {
+  // The match whose end is nearest the pointer, within 8 px: its score.
+  const rect = $("match-canvas").getBoundingClientRect();
+  const x = event.clientX - rect.left;
+  const y = event.clientY - rect.top;
+  let best = null;
+  for (const spot of state.matchSpots || []) {
+    for (const [px, py] of spot.ends) {
+      const d = Math.hypot(px - x, py - y);
+      if (d <= 8 && (!best || d < best.d)) best = { d, score: spot.score };
+    }
+  }
+  $("match-info").dataset.hover = best ? best.score.toFixed(3) : "";
+  $("hover-value").textContent = best ? `match score ${best.score.toFixed(3)}` : "";
+}
+
 function download(url, name) {
   const link = document.createElement("a");
   link.href = url;
@@ -764,6 +780,12 @@ function drawMatches() {
     }
   }
   canvas.dataset.matches = String(matches.length);
+  // Where each match's ends are on the canvas (CSS pixels), for the score under the pointer.
+  state.matchSpots = matches.map((m) => ({
+    score: m.score,
+    ends: [[(m.a[0] / a.width) * wa, (m.a[1] / a.height) * height],
+           [wa + gap + (m.b[0] / b.width) * wb, (m.b[1] / b.height) * height]],
+  }));
   $("match-legend-low").textContent = matches.length ? `${lo.toFixed(2)} (lowest shown)` : "";
   $("match-legend-high").textContent = matches.length ? `${hi.toFixed(2)} (best)` : "";
   $("match-legend").hidden = !matches.length;
@@ -854,8 +876,10 @@ function bindControls() {
     for (const slot of ["a", "b"]) $(`heat-${slot}`).style.opacity = String(e.target.value / 100);
   });
   $("download-png").addEventListener("click", () => {
-    if (state.shown) download(state.shown.png, state.shown.kind === "features" ? "features.png" : "similarity.png");
+    if (state.mode === "matches") download($("match-canvas").toDataURL("image/png"), "matches.png");
+    else if (state.shown) download(state.shown.png, state.shown.kind === "features" ? "features.png" : "similarity.png");
   });
+  $("match-canvas").addEventListener("pointermove", showMatchUnderPointer);
   $("download-npy").addEventListener("click", downloadNpy);
   for (const slot of ["a", "b"]) {
     $(`stage-${slot}`).addEventListener("pointermove", (event) => showValueUnderCursor(slot, event));
