@@ -82,8 +82,25 @@ def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | No
             )
         logger.warning(DEMO_WARNING)
         bundle = demo_exporter(settings.demo_dir)
-    return open_runtime(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads,
-                         inter_op_threads=settings.inter_op_threads)
+    runtime = open_runtime(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads,
+                           inter_op_threads=settings.inter_op_threads)
+    check_required_provider(settings.require_provider, list(getattr(runtime, "active_providers", [])))
+    return runtime
+
+
+def check_required_provider(required: str, active: list[str]) -> None:
+    """LIFT_REQUIRE_PROVIDER: refuse to serve on another provider than the one asked for (a GPU
+    host that silently runs on the CPU is slower by orders of magnitude)."""
+    if not required:
+        return
+    from lift_serve.service.ort_runtime import PROVIDERS
+
+    if not active or active[0] != PROVIDERS[required]:
+        raise ConfigError(
+            f"LIFT_REQUIRE_PROVIDER={required}, but ONNX Runtime runs on {active[0] if active else 'nothing'} "
+            f"(LIFT_PROVIDERS={','.join(active) or '?'} active); check the GPU and its driver, that the image or "
+            "environment has onnxruntime-gpu (the gpu extra), and the log above for the provider's own error"
+        )
 
 
 async def _start(state: ServiceState) -> None:

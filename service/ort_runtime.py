@@ -84,8 +84,10 @@ def resolve_providers(requested, available: list[str]) -> list[str]:
             raise BundleError(f"unknown execution provider {short!r}; choose from {list(PROVIDERS)}")
         name = PROVIDERS[short]
         if name not in available:
-            logger.info("provider %s skipped: not available in this onnxruntime build (%s)",
-                        short, ", ".join(available))
+            # A WARNING: a GPU host that silently runs on the CPU is slower by orders of magnitude.
+            logger.warning("provider %s skipped: not available in this onnxruntime build (%s); set "
+                           "LIFT_PROVIDERS to what this host has, or LIFT_REQUIRE_PROVIDER to refuse to start",
+                           short, ", ".join(available))
             continue
         if name not in chosen:
             chosen.append(name)

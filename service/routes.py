@@ -276,7 +276,8 @@ async def healthz() -> dict:
             response_model=Ready, responses={503: ERROR_RESPONSES[503]})
 async def readyz(state: StateDep):
     state.require_ready()
-    return {"status": "ready", "demo": bool(state.runtime.demo)}
+    providers = list(getattr(state.runtime, "active_providers", []) or [])
+    return {"status": "ready", "demo": bool(state.runtime.demo), "provider": providers[0] if providers else None}
 
 
 @router.get("/metrics", tags=["health"], summary="Prometheus metrics (text format)")

@@ -24,6 +24,8 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str = Field(examples=["ready"])
     demo: bool
+    provider: str | None = Field(None, description="the ONNX Runtime provider the model runs on",
+                                 examples=["CUDAExecutionProvider"])
 
 
 class InputSize(BaseModel):

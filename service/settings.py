@@ -48,6 +48,8 @@ class Settings(BaseSettings):
                                            "and one image's float32 features at the bundle's densest density")
     resize_policy: Literal["square", "keep_aspect"] = "square"
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
+    require_provider: Literal["", "cpu", "cuda", "tensorrt"] = Field(
+        "", description="set: start-up fails unless ONNX Runtime really runs on this provider (no silent fallback)")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")
     inter_op_threads: int = Field(0, ge=0)
     max_header_bytes: int = Field(65536, ge=1024, le=1 << 20, description="largest request head (line + "

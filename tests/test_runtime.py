@@ -206,6 +206,7 @@ def test_providers_fall_back_to_cpu_with_reasons(caplog):
     assert chosen == ["CPUExecutionProvider"]
     assert "provider tensorrt skipped: not available" in caplog.text
     assert "provider cuda skipped: not available" in caplog.text
+    assert {r.levelname for r in caplog.records if "skipped" in r.getMessage()} == {"WARNING"}  # a fallback
     assert resolve_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     # TensorRT is opt-in: the default preference never includes it.
@@ -279,3 +280,21 @@ def test_graph_that_cannot_run_a_listed_size_is_refused(bundle_copy):
     edit_manifest(bundle_copy, only_k0)
     with pytest.raises(BundleError, match="the backbone graph cannot run at 64x96"):
         BundleRuntime(bundle_copy, providers=["cpu"])
+
+
+def test_a_required_provider_that_is_not_active_stops_the_start(tiny_bundle):
+    from lift_serve.service.app import ConfigError, check_required_provider
+
+    check_required_provider("", ["CPUExecutionProvider"])
+    check_required_provider("cpu", ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="LIFT_REQUIRE_PROVIDER=cuda, but ONNX Runtime runs on CPUExecutionProvider"):
+        check_required_provider("cuda", ["CPUExecutionProvider"])
+
+
+def test_lift_serve_with_a_required_provider_it_cannot_have_exits_naming_it(tiny_bundle, capsys, monkeypatch):
+    from lift_serve import cli
+
+    monkeypatch.setenv("LIFT_REQUIRE_PROVIDER", "cuda")
+    monkeypatch.setenv("LIFT_PORT", "0")
+    assert cli.main(["serve", "--bundle", str(tiny_bundle), "--log-level", "warning"]) == 2
+    assert "LIFT_REQUIRE_PROVIDER=cuda, but ONNX Runtime runs on CPUExecutionProvider" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def _ok_after(client) -> None:
 # -- info -------------------------------------------------------------------------------------------
 def test_health_models_metrics_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json()["status"] == "ready"
+    assert client.get("/readyz").json() == {"status": "ready", "demo": False, "provider": "CPUExecutionProvider"}
     body = client.get("/v1/models").json()
     # Not a demo, but the tiny bundle's backbone is random and its LiFT untrained: said as for a demo.
     assert body["demo"] is False and body["random_weights"] == ["backbone", "upsampler"]
