@@ -10,6 +10,7 @@ say so.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 HELP = "serve a bundle over HTTP (FastAPI + ONNX Runtime): features, click similarity maps, matches"
@@ -91,12 +92,19 @@ def run(args: argparse.Namespace) -> int:
     from lift_serve.service.app import DEMO_WARNING, ConfigError, check_settings, create_app
 
     return_large_blocks_to_the_system()
-    if getattr(args, "model", None) and not (args.bundle or args.demo):
-        args.bundle = str(named_model_bundle(args.model, args.checkpoint))
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_third_party_logs(settings.log_level)
-    check_settings(settings)
+    bundle_source = None
+    if getattr(args, "model", None):
+        # Exported (first use) or found in the models cache by the start-up task, after the port is
+        # open: meanwhile 503 not_ready with Retry-After, as for --demo.
+        from lift_serve.hub.models import named_model
+
+        named_model(args.model)  # an unknown name fails now, not after the port opened
+        settings = settings.model_copy(update={"bundle": None})
+        bundle_source = functools.partial(named_model_bundle, args.model, args.checkpoint)
+    check_settings(settings, bundle_source=bundle_source is not None)
     demo_exporter = None
     if settings.bundle is None and settings.demo:
         # Exported by the app's start-up task, after the port is open: meanwhile /readyz and /v1 answer
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
         logging.getLogger("lift.service").warning(DEMO_WARNING)
         demo_exporter = export_demo
-    app = create_app(settings, demo_exporter=demo_exporter)
+    app = create_app(settings, demo_exporter=demo_exporter, bundle_source=bundle_source)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                            access_log=settings.log_level == "debug", **server_options(settings)))
     state = app.state.service
@@ -120,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port} (the reason is logged above, e.g. the "
                           "port is in use); choose another with --port / LIFT_PORT or --host / LIFT_HOST") from None
     if state.load_error:
-        raise ConfigError(f"cannot serve {settings.bundle}: {state.load_error}")
+        what = settings.bundle or (f"model {args.model}" if getattr(args, "model", None) else "the demo bundle")
+        raise ConfigError(f"cannot serve {what}: {state.load_error}")
     return 0

@@ -54,9 +54,10 @@ NO_BUNDLE_MESSAGE = (
 
 
 
-def check_settings(settings: Settings) -> None:
-    """Fail fast on settings that cannot work (raises ConfigError or the bundle's BundleError)."""
-    if settings.bundle is None and not settings.demo:
+def check_settings(settings: Settings, bundle_source: bool = False) -> None:
+    """Fail fast on settings that cannot work (raises ConfigError or the bundle's BundleError);
+    ``bundle_source``: the bundle is made at start-up (a named model), so none is needed yet."""
+    if settings.bundle is None and not settings.demo and not bundle_source:
         raise ConfigError(NO_BUNDLE_MESSAGE)
     try:
         settings.api_key_set()
@@ -68,12 +69,15 @@ def check_settings(settings: Settings) -> None:
         read_manifest(settings.bundle)
 
 
-def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | None):
+def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | None,
+                  bundle_source: Callable[[], Path] | None = None):
     """Export the demo bundle if asked (through the exporter the caller injected: the service never
     imports the torch side), then open and warm the runtime."""
     from lift_serve.service.runtime import open_runtime
 
     bundle = settings.bundle
+    if bundle is None and bundle_source is not None:
+        bundle = bundle_source()
     if bundle is None:
         if demo_exporter is None:
             raise ConfigError(
@@ -106,7 +110,8 @@ def check_required_provider(required: str, active: list[str]) -> None:
 async def _start(state: ServiceState) -> None:
     try:
         if state.runtime is None:
-            state.runtime = await asyncio.to_thread(_load_runtime, state.settings, state.demo_exporter)
+            state.runtime = await asyncio.to_thread(_load_runtime, state.settings, state.demo_exporter,
+                                                    state.bundle_source)
         features = FeatureService(state.runtime, state.settings, state.metrics)
         features.start()
         state.features = features
@@ -125,7 +130,7 @@ async def _start(state: ServiceState) -> None:
 async def lifespan(app: FastAPI):
     state: ServiceState = app.state.service
     if state.runtime is None:
-        check_settings(state.settings)
+        check_settings(state.settings, bundle_source=state.bundle_source is not None)
     loader = asyncio.create_task(_start(state))
     try:
         yield
@@ -167,7 +172,8 @@ class MetricsMiddleware:
 
 
 def create_app(settings: Settings | None = None, runtime=None,
-               demo_exporter: Callable[[Path], Path] | None = None) -> FastAPI:
+               demo_exporter: Callable[[Path], Path] | None = None,
+               bundle_source: Callable[[], Path] | None = None) -> FastAPI:
     """The service application.
 
     Args:
@@ -176,6 +182,8 @@ def create_app(settings: Settings | None = None, runtime=None,
             bundle named by the settings during startup.
         demo_exporter: ``demo_dir -> bundle dir``, used when the settings ask for demo mode without
             a bundle; injected by ``lift_serve.demo`` (torch side), never imported from here.
+        bundle_source: ``() -> bundle dir``, run at start-up (after the port opens) when the settings
+            name no bundle: ``lift serve --model`` exports a named model there on first use.
     """
     from lift_serve.service.routes import router
 
@@ -198,7 +206,7 @@ def create_app(settings: Settings | None = None, runtime=None,
         docs_url=None,  # /docs comes from the packaged Swagger UI (service/docs.py), not a CDN
         redoc_url=None,
     )
-    app.state.service = ServiceState(settings, runtime, demo_exporter)
+    app.state.service = ServiceState(settings, runtime, demo_exporter, bundle_source)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app, domain_errors={PredictionError: 422, ImageError: None})
     app.include_router(router)

@@ -36,11 +36,13 @@ def weights_warning(runtime) -> str | None:
 class ServiceState:
     """Everything a request needs: settings, metrics and, once loaded, the runtime and its pipeline."""
 
-    def __init__(self, settings: Settings, runtime=None, demo_exporter: Callable[[Path], Path] | None = None):
+    def __init__(self, settings: Settings, runtime=None, demo_exporter: Callable[[Path], Path] | None = None,
+                 bundle_source: Callable[[], Path] | None = None):
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.runtime = runtime
         self.demo_exporter = demo_exporter
+        self.bundle_source = bundle_source  # makes the bundle at start-up (a named model's first export)
         self.features: FeatureService | None = None
         self.load_error: str | None = None
         self.on_load_failure = None  # called (no arguments) when loading fails: `lift serve` then exits

@@ -74,6 +74,14 @@ def test_export_model_once_then_reuse_it(tiny_entry, capsys, monkeypatch):
     from lift_serve.serve_cli import named_model_bundle
 
     assert named_model_bundle("tiny-lift") == bundle  # what `lift serve --model tiny-lift` serves
+    # ...through the app's start-up task (the port opens first), answering from that bundle.
+    from lift_serve.service.app import create_app
+    from lift_serve.service.settings import Settings
+    from service_helpers import started_client
+
+    app = create_app(Settings(providers="cpu"), bundle_source=lambda: named_model_bundle("tiny-lift"))
+    with started_client(app) as client:
+        assert client.get("/v1/models").json()["model"]["input_sizes"] == [{"height": 64, "width": 64}]
     assert cli.main(["models"]) == 0
     assert str(bundle) in capsys.readouterr().out
 
