@@ -173,13 +173,25 @@ def read_header(data: bytes, max_pixels: int) -> ImageHeader:
     return ImageHeader(width, height, image.format or "unknown", image.mode)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an 8-bit RGB Pillow image, EXIF orientation applied (see module doc)."""
+def decode_image(data: bytes, max_pixels: int, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``data`` into an 8-bit RGB Pillow image, EXIF orientation applied (see module doc).
+
+    ``at_least`` ``(width, height)`` (after orientation): a JPEG may be decoded at 1/2, 1/4 or 1/8 of
+    its size in the DCT domain (Pillow's ``draft``), as long as the result is at least that large:
+    the model input needs no more, and a 12-megapixel photo decodes several times faster. The
+    caller resizes from there (:meth:`ImageGeometry.prepare` accepts such a reduction). Overlays
+    and drawings decode without it.
+    """
     image = _open(data, max_pixels)
     try:
         image.seek(0)
-        image.load()
         orientation = _orientation(image)
+        if at_least is not None and image.format == "JPEG":
+            width, height = at_least
+            if orientation in (5, 6, 7, 8):  # stored on its side: the request turns with it
+                width, height = height, width
+            image.draft(image.mode, (max(1, width), max(1, height)))
+        image.load()
         if image.format == "TIFF":  # Pillow's TIFF reader orients on load; as read_header assumes
             image = ImageOps.exif_transpose(image) if orientation != 1 else image
         elif orientation in _UNDO_ORIENTATION:

@@ -126,7 +126,8 @@ class Extractor:
                                       self.runtime.patch_size)
         density = resolve_density(self.runtime, self.options.iterations, self.options.stride,
                                   (geometry.input_height, geometry.input_width))
-        pixels = geometry.prepare(decode_image(data, self.options.max_pixels))
+        pixels = geometry.prepare(decode_image(data, self.options.max_pixels,
+                                               at_least=(geometry.content_width, geometry.content_height)))
         return data, geometry, density, pixels
 
     def _finish(self, features: np.ndarray, geometry: ImageGeometry, density) -> tuple[np.ndarray, float]:

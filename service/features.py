@@ -186,7 +186,9 @@ class FeatureService:
         return round(geometry.input_height / step) * round(geometry.input_width / step)
 
     def _model_input(self, data: bytes, geometry: ImageGeometry):
-        return geometry.prepare(decode_image(data, self.settings.max_pixels))
+        # A JPEG decodes at the smallest DCT scale still at least the model input's content size.
+        return geometry.prepare(decode_image(data, self.settings.max_pixels,
+                                             at_least=(geometry.content_width, geometry.content_height)))
 
     def _store(self, entry: FeatureEntry) -> FeatureEntry:
         self.cache.put(entry)

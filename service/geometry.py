@@ -122,12 +122,19 @@ class ImageGeometry:
         return self.content_height / self.height
 
     # -- image -----------------------------------------------------------------------------------
+    def _is_reduction(self, size: tuple[int, int]) -> bool:
+        """A JPEG decoded at 1/2, 1/4 or 1/8 scale (``decode_image(at_least=...)``), still at least the
+        content's size."""
+        return any(size == (math.ceil(self.width / s), math.ceil(self.height / s)) for s in (2, 4, 8)) and \
+            size[0] >= self.content_width and size[1] >= self.content_height
+
     def prepare(self, image: Image.Image) -> np.ndarray:
-        """The model input for ``image`` (RGB, ``width x height``): uint8 ``[input_height, input_width, 3]``.
+        """The model input for ``image`` (RGB, ``width x height``, or a JPEG decode reduced by 2, 4 or
+        8 to no less than the content's size): uint8 ``[input_height, input_width, 3]``.
 
         Pillow's bicubic resize filters over the whole footprint when shrinking (antialiased).
         """
-        if image.size != (self.width, self.height):
+        if image.size != (self.width, self.height) and not self._is_reduction(image.size):
             raise ValueError(f"image is {image.size[0]}x{image.size[1]}, "
                              f"geometry planned for {self.width}x{self.height}")
         resized = image if image.size == (self.content_width, self.content_height) else image.resize(

@@ -332,3 +332,38 @@ def test_large_freed_blocks_go_back_to_the_system_on_glibc():
 
     taken = return_large_blocks_to_the_system()
     assert taken == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_jpeg_decodes_at_the_smallest_scale_the_model_input_needs(orientation):
+    """decode_image(at_least=...) lets a JPEG decode at 1/2, 1/4 or 1/8 in the DCT domain, never below
+    the content size; the model input then differs from the full decode's by rounding only. EXIF
+    orientation is respected (a photo stored on its side asks for the turned size)."""
+    import io
+
+    from lift_serve.service.codec import decode_image, read_header
+    from lift_serve.service.geometry import ImageGeometry
+    from PIL import Image
+
+    rng = np.random.default_rng(orientation)
+    yy, xx = np.mgrid[0:768, 0:1024]
+    pixels = np.stack([(xx / 5) % 256, (yy / 4) % 256, ((xx + yy) / 7) % 256], -1)
+    pixels = np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8)
+    picture = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=92, exif=exif)
+    data = buffer.getvalue()
+    header = read_header(data, 40_000_000)
+    geometry = ImageGeometry.plan(header.width, header.height, [(224, 224)], "keep_aspect", 16)
+    wanted = (geometry.content_width, geometry.content_height)
+    reduced = decode_image(data, 40_000_000, at_least=wanted)
+    full = decode_image(data, 40_000_000)
+    assert full.size == (header.width, header.height) == ((768, 1024) if orientation == 6 else (1024, 768))
+    assert reduced.size[0] < full.size[0] and reduced.size[0] >= wanted[0] and reduced.size[1] >= wanted[1]
+    difference = np.abs(geometry.prepare(reduced).astype(int) - geometry.prepare(full).astype(int))
+    assert difference.mean() < 1.5 and difference.max() <= 40
+    png = io.BytesIO()
+    picture.save(png, "PNG")
+    assert decode_image(png.getvalue(), 40_000_000, at_least=(10, 10)).size == (1024, 768)  # JPEG only
