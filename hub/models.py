@@ -119,9 +119,11 @@ def resolve_checkpoint(model: NamedModel, checkpoint: str | None = None) -> Path
     path = resolve_file(ref, sidecar=True)
     if not path.is_file():
         raise UnknownModelError(f"{model.name}: checkpoint {path} does not exist")
-    if checkpoint is None and model.checkpoint_sha256 and sha256_file(path) != model.checkpoint_sha256:
-        raise UnknownModelError(f"{model.name}: {path} has sha256 {sha256_file(path)[:12]}…, the release's is "
-                                f"{model.checkpoint_sha256[:12]}…; delete it from the Hugging Face cache and retry")
+    if checkpoint is None and model.checkpoint_sha256:
+        found = sha256_file(path)
+        if found != model.checkpoint_sha256:
+            raise UnknownModelError(f"{model.name}: {path} has sha256 {found[:12]}…, the release's is "
+                                    f"{model.checkpoint_sha256[:12]}…; delete it from the Hugging Face cache and retry")
     return path
 
 

@@ -24,12 +24,9 @@ def backbone_spec(model: NamedModel, pretrained: bool = True):
                                    "model_kwargs": dict(model.backbone_kwargs)})
 
 
-def cached_bundle(model: NamedModel, checkpoint: str | None = None, precision: str = "fp32") -> Path | None:
-    """The models-cache bundle of ``model`` if it was exported before (nothing is built)."""
+def _cached(out: Path) -> Path | None:
     from lift_serve.bundle import BundleError, read_manifest
-    from lift_serve.bundle.manifest import sha256_file
 
-    out = bundle_dir_for(model, sha256_file(resolve_checkpoint(model, checkpoint)), precision)
     try:
         read_manifest(out)
     except BundleError:
@@ -40,17 +37,16 @@ def cached_bundle(model: NamedModel, checkpoint: str | None = None, precision: s
 def export_named(model: NamedModel, checkpoint: str | None = None, precision: str = "fp32",
                  out: str | Path | None = None) -> Path:
     """``model``'s bundle: the cached one when it exists (and ``out`` is not given), else exported
-    (into the models cache, or ``out``)."""
+    (into the models cache, or ``out``). The weights file is resolved and hashed once."""
     from lift_serve.bundle.manifest import sha256_file
     from lift_serve.model.export import export_bundle
 
     path = resolve_checkpoint(model, checkpoint)
     if out is None:
-        found = cached_bundle(model, checkpoint, precision)
-        if found is not None:
-            logger.info("%s: using the bundle exported before, %s", model.name, found)
-            return found
         out = bundle_dir_for(model, sha256_file(path), precision)
+        if _cached(out) is not None:
+            logger.info("%s: using the bundle exported before, %s", model.name, out)
+            return out
     logger.info("%s: exporting %s + %s (%s) to %s, once", model.name, model.backbone, model.upsampler, path, out)
     return export_bundle(out, backbone_spec(model), path, lift_iterations=model.iterations, sizes=model.sizes,
                          precision=precision, default_iterations=model.default_iterations)

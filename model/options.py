@@ -76,12 +76,13 @@ def backbone_spec_unless_sidecar(args: argparse.Namespace):
     from pathlib import Path
 
     from lift_serve.model.backbone import BackboneSpec
+    from lift_serve.model.checkpoint import is_ours
 
     checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
     # ours (or missing, which the loader reports): the sidecar names the backbone. A .safetensors
     # file without a sidecar is an authors' file (UPLiFT's releases): it needs the backbone named.
     if args.backbone is None and checkpoint is not None and checkpoint.suffix == ".safetensors" \
-            and (checkpoint.with_suffix(".json").is_file() or not checkpoint.exists()):
+            and (is_ours(checkpoint) or not checkpoint.exists()):
         return None
     return BackboneSpec.from_dict(backbone_spec_dict(args) | {"name": args.backbone or DEFAULT_BACKBONE})
 

@@ -132,6 +132,14 @@ class FeatureEntry:
         """``[grid_height, grid_width]`` descriptor norms, computed once so a click is one dot product."""
         return cell_norms(self.features)
 
+    @functools.cached_property
+    def pca_basis(self):
+        """The PCA basis of these features (fitted once: the page colours a second image in the first
+        one's basis, and redraws on every change of view)."""
+        from lift_serve.service.pca import fit_basis
+
+        return fit_basis(self.features, self.geometry.content_grid)
+
     @property
     def nbytes(self) -> int:
         # features + the norms + rough object overhead (the file is counted with the embedding)

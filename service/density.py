@@ -28,6 +28,12 @@ def offered_iterations(runtime, requested: int | None) -> int:
     return requested
 
 
+def check_one_density(iterations: int | None, stride: float | None) -> None:
+    if iterations is not None and stride is not None:
+        raise ServiceError(422, "conflicting_parameters", "send either iterations or stride, not both: "
+                           "stride is input pixels per feature cell, iterations the upsampler steps behind it")
+
+
 def resolve_density(runtime, iterations: int | None, stride: float | None, input_size: tuple[int, int]) -> Density:
     """The density asked for by ``iterations`` or by an explicit ``stride`` (input pixels per
     cell) for a model input of ``input_size`` (height, width); neither = the bundle's default.
@@ -36,11 +42,9 @@ def resolve_density(runtime, iterations: int | None, stride: float | None, input
     and the coarsest offered runs the steps of the first density at least as fine and resamples
     to exactly that stride, which must give whole cells on both sides of the input (422 else).
     """
+    check_one_density(iterations, stride)
     if stride is None:
         return Density(offered_iterations(runtime, iterations))
-    if iterations is not None:
-        raise ServiceError(422, "conflicting_parameters", "send either iterations or stride, not both: "
-                           "stride is input pixels per feature cell, iterations the upsampler steps behind it")
     if not (math.isfinite(stride) and stride > 0):
         raise ServiceError(422, "invalid_parameter", f"stride={stride!r} must be a positive number of input "
                            "pixels per feature cell, e.g. 1 for pixel-dense features")

@@ -18,7 +18,6 @@ settings into the same folder is refused.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from lift_serve.service.cache import content_hash
 from lift_serve.service.codec import ImageError, decode_image, read_header
 from lift_serve.service.density import resolve_density
 from lift_serve.service.errors import ServiceError
@@ -128,7 +128,7 @@ class Extractor:
                                   (geometry.input_height, geometry.input_width))
         pixels = geometry.prepare(decode_image(data, self.options.max_pixels,
                                                at_least=(geometry.content_width, geometry.content_height)))
-        return data, geometry, density, pixels
+        return content_hash(data), geometry, density, pixels
 
     def _finish(self, features: np.ndarray, geometry: ImageGeometry, density) -> tuple[np.ndarray, float]:
         stride = density.stride or self.runtime.stride(density.iterations)
@@ -149,16 +149,16 @@ class Extractor:
         shard: dict[str, np.ndarray] = {}
         pending_index: list[dict] = []
         for batch in self._batches(todo, counts, progress):
-            coarse_images = np.stack([item[3] for item in batch])
-            k = batch[0][2].iterations
+            coarse_images = np.stack([item[4] for item in batch])
+            k = batch[0][3].iterations
             outputs = self.runtime.run(coarse_images, k)
-            for (path, geometry, density, _), features in zip(batch, outputs, strict=True):
+            for (path, digest, geometry, density, _), features in zip(batch, outputs, strict=True):
                 rel = path.relative_to(self.images_dir).as_posix()
                 array, stride = self._finish(features, geometry, density)
                 record = {"file": rel, "shape": list(array.shape), "stride": stride, "dtype": self.options.dtype,
                           "input_size": [geometry.input_height, geometry.input_width],
                           "image_size": [geometry.width, geometry.height],
-                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                          "sha256": digest}
                 if self.options.format == "npy":
                     buffer = io.BytesIO()
                     np.save(buffer, array, allow_pickle=False)
@@ -197,7 +197,7 @@ class Extractor:
         waiting: dict[tuple, list] = {}
         for path in todo:
             try:
-                _, geometry, density, pixels = self._prepare(path)
+                digest, geometry, density, pixels = self._prepare(path)
             except (ImageError, ServiceError, OSError) as exc:
                 message = getattr(exc, "message", None) or str(exc)
                 _append(self.out_dir / ERRORS_FILE, {"file": path.relative_to(self.images_dir).as_posix(),
@@ -208,7 +208,7 @@ class Extractor:
                 continue
             key = (geometry.input_height, geometry.input_width, density.iterations)
             group = waiting.setdefault(key, [])
-            group.append((path, geometry, density, pixels))
+            group.append((path, digest, geometry, density, pixels))
             if len(group) >= self.options.batch_size:
                 yield waiting.pop(key)
         yield from (group for group in waiting.values() if group)

@@ -71,6 +71,7 @@ class FeatureService:
         self.settings = settings
         self.metrics = metrics
         largest = self._largest_image_bytes(runtime)
+        self.largest_answer_bytes = largest.answer  # one image's float32 features at the densest density
         self.cache_bytes = self._cache_budget(settings.cache_bytes, largest)
         self.max_response_bytes = settings.max_response_bytes or max(DEFAULT_BUDGET_BYTES, largest.answer)
         self.cache = FeatureCache(self.cache_bytes, on_hit=metrics.cache_hits.inc, on_miss=metrics.cache_misses.inc)
@@ -130,7 +131,8 @@ class FeatureService:
     def _largest_image_bytes(runtime) -> _ImageBytes:
         cached = answer = 0
         for height, width in runtime.sizes:
-            ch, cw = runtime.feature_size(height, width, 0)
+            # The backbone's grid (patch size), whether or not the bundle offers density 0 itself.
+            ch, cw = height // runtime.patch_size, width // runtime.patch_size
             embedding = runtime.channels * ch * cw * 4 + height * width * 3  # coarse features + pixels
             for k in runtime.iterations:
                 h, w = runtime.feature_size(height, width, k)
@@ -172,15 +174,19 @@ class FeatureService:
         parsed = parse_feature_id(fid)
         return parsed[1] if parsed else None
 
-    def plan(self, data: bytes) -> tuple[str, ImageGeometry]:
+    def geometry(self, data: bytes) -> ImageGeometry:
+        """How an upload maps onto the model input, from its header alone (no decode, no hash)."""
         header = read_header(data, self.settings.max_pixels)
-        geometry = ImageGeometry.plan(header.width, header.height, self.runtime.sizes, self.settings.resize_policy,
-                                      self.runtime.stride(0))
+        return ImageGeometry.plan(header.width, header.height, self.runtime.sizes, self.settings.resize_policy,
+                                  float(self.runtime.patch_size))
+
+    def plan(self, data: bytes) -> tuple[str, ImageGeometry]:
+        geometry = self.geometry(data)
         return embedding_key(content_hash(data), geometry), geometry
 
     def planned_cells(self, data: bytes, iterations: int | None, stride: float | None) -> int:
-        """Feature cells an upload gets at the density asked for, from its header alone (no decode)."""
-        _, geometry = self.plan(data)
+        """Feature cells an upload gets at the density asked for, from its header alone."""
+        geometry = self.geometry(data)
         density = self.density(iterations, stride, (geometry.input_height, geometry.input_width))
         step = density.stride or self.runtime.stride(density.iterations)
         return round(geometry.input_height / step) * round(geometry.input_width / step)

@@ -71,17 +71,16 @@ def colour_range(sim: np.ndarray, geometry: ImageGeometry, scale: str = "auto") 
 
 
 def heatmap_png_image(sim: np.ndarray, geometry: ImageGeometry, image: Image.Image | None,
-                      alpha: float, scale: str = "auto") -> Image.Image:
+                      alpha: float, span: tuple[float, float] | None = None) -> Image.Image:
     """The similarity map as a picture at the original image's size.
 
-    Colours span :func:`colour_range` (``auto``: the map's own range over the image's cells, lowest
-    similarity -> dark blue, the queried point's 1 -> yellow, so the structure stays visible whatever
-    the values; ``absolute``: cosine -1 -> dark blue, 1 -> yellow, comparable between maps),
-    quantised to 256 levels. Without ``image``: a palette (``P``) image, which encodes to PNG about three
+    Colours span ``span`` = (low, high), from :func:`colour_range` (default: its ``auto``, the map's
+    own range over the image's cells, lowest similarity -> dark blue, the queried point's 1 ->
+    yellow; ``absolute``: cosine -1 -> dark blue, 1 -> yellow, comparable between maps), quantised to 256 levels. Without ``image``: a palette (``P``) image, which encodes to PNG about three
     times faster than RGB. With ``image``: RGB, ``alpha`` * heat + (1 - ``alpha``) * image.
     """
     full = map_to_image(sim, geometry)
-    lo, hi = colour_range(sim, geometry, scale)
+    lo, hi = span if span is not None else colour_range(sim, geometry)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     levels = np.clip(np.rint((full - lo) * scale), 0, 255).astype(np.uint8) if scale else np.full(full.shape, 255,
                                                                                                    np.uint8)

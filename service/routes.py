@@ -9,6 +9,7 @@ typo such as ``?iteration=2`` is not silently ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -19,9 +20,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from lift_serve.service.cache import FeatureEntry
 from lift_serve.service.codec import ImageError, decode_image, encode_npy, encode_png
+from lift_serve.service.density import check_one_density
 from lift_serve.service.errors import ServiceError, error_body
 from lift_serve.service.features import FeatureService, request_of
-from lift_serve.service.pca import fit_basis, pca_image, side_by_side
+from lift_serve.service.pca import pca_image, side_by_side
 from lift_serve.service.predictor import DensePredictor, Matches
 from lift_serve.service.render import colour_range, heatmap_png_image, match_png_image
 from lift_serve.service.schemas import (
@@ -253,9 +255,7 @@ async def _entry(predictor: DensePredictor, request: Request, data: bytes | None
 
 
 def _density(iterations: int | None, stride: float | None) -> tuple[int | None, float | None]:
-    if iterations is not None and stride is not None:
-        raise ServiceError(422, "conflicting_parameters", "send either iterations or stride, not both: stride is "
-                           "input pixels per feature cell, iterations the upsampler steps behind it")
+    check_one_density(iterations, stride)  # before the body is read
     return iterations, stride
 
 
@@ -415,18 +415,17 @@ async def _check_answer_size(pipeline: FeatureService, images: list[bytes],
                              density: tuple[int | None, float | None], dtype: str) -> None:
     """422 ``response_too_large`` before any decode or inference when the answer would exceed the
     limit: each image's grid follows from its header and the density alone."""
+    itemsize = np.dtype(dtype).itemsize
+    if len(images) * pipeline.largest_answer_bytes // 4 * itemsize <= pipeline.max_response_bytes:
+        return  # even at the bundle's densest density this answer fits: no header to read
+
     def cells() -> int:
         total = 0
         for index, data in enumerate(images):
-            try:
+            with _naming_image(index, len(images)):
                 total += pipeline.planned_cells(data, *density)
-            except (ServiceError, ImageError) as exc:
-                if len(images) > 1:
-                    exc.message = f"image {index + 1} of {len(images)} (multipart field 'image' #{index + 1}): " \
-                        f"{exc.message}"
-                raise
         return total
-    answer_bytes = await asyncio.to_thread(cells) * pipeline.runtime.channels * np.dtype(dtype).itemsize
+    answer_bytes = await asyncio.to_thread(cells) * pipeline.runtime.channels * itemsize
     if answer_bytes > pipeline.max_response_bytes:
         raise ServiceError(422, "response_too_large",
                            f"the features would take {answer_bytes} bytes, more than LIFT_MAX_RESPONSE_BYTES="
@@ -438,9 +437,16 @@ async def _numbered_entry(predictor: DensePredictor, request: Request, data: byt
                           density: tuple[int | None, float | None], index: int,
                           count: int, admit: asyncio.Semaphore) -> FeatureEntry:
     """:func:`_entry` for image ``index`` of ``count`` once ``admit`` lets it in; errors name the image."""
-    try:
+    with _naming_image(index, count):
         async with admit:
             return await _entry(predictor, request, data, None, density, "uploaded")
+
+
+@contextlib.contextmanager
+def _naming_image(index: int, count: int):
+    """Errors raised inside name the image they are about, when the request carries several."""
+    try:
+        yield
     except (ServiceError, ImageError) as exc:
         if count > 1:
             exc.message = f"image {index + 1} of {count} (multipart field 'image' #{index + 1}): {exc.message}"
@@ -533,14 +539,14 @@ async def similarity(
             "source": source.geometry.describe(), "target": target.geometry.describe(),
             "feature_id": source.id, "target_feature_id": target.id,
         }, headers=headers)
-    png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, scale, settings.max_pixels)
+    png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, (low, high), settings.max_pixels)
     return Response(png, media_type="image/png", headers=headers)
 
 
-def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha: float, scale: str,
+def _similarity_png(sim: np.ndarray, target: FeatureEntry, overlay: bool, alpha: float, span: tuple[float, float],
                     max_pixels: int) -> bytes:
     image = decode_image(target.image_bytes, max_pixels) if overlay else None
-    return encode_png(heatmap_png_image(sim, target.geometry, image, alpha, scale))
+    return encode_png(heatmap_png_image(sim, target.geometry, image, alpha, span))
 
 
 # -- visualize --------------------------------------------------------------------------------------
@@ -588,7 +594,7 @@ async def visualize(
     entry = await _entry(predictor, request, data, fid, _density(iterations, stride), "image")
     source = entry if not basis_id else await _entry(predictor, request, None, basis_id, request_of(entry.density),
                                                      "basis")
-    basis = await asyncio.to_thread(fit_basis, source.features, source.geometry.content_grid)
+    basis = await asyncio.to_thread(lambda: source.pca_basis)
     headers = {"X-Feature-Id": entry.id, "X-Basis-Feature-Id": source.id,
                "X-PCA-Explained-Variance": ",".join(f"{v:.4f}" for v in basis.explained),
                "X-Feature-Stride": f"{entry.geometry.stride:g}"}

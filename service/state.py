@@ -26,10 +26,12 @@ def weights_warning(runtime) -> str | None:
         return DEMO_WARNING
     manifest = getattr(runtime, "manifest", None)
     parts = list(getattr(manifest, "random_weights", None) or [])
+    if not parts and getattr(getattr(manifest, "backbone", None), "weights", None) == "random":
+        parts = ["backbone"]  # a manifest from before random_weights existed
     if not parts:
         return None
     names = {"backbone": "the backbone's weights are random", "upsampler": "the upsampler is untrained"}
-    return (f"UNTRAINED WEIGHTS: {' and '.join(names[p] for p in parts)} in this bundle, so its features are "
+    return (f"UNTRAINED WEIGHTS: {' and '.join(names.get(p, p) for p in parts)} in this bundle, so its features are "
             "MEANINGLESS. Export one with trained weights (see README, 'Real features in one command').")
 
 

@@ -130,7 +130,7 @@ def test_a_too_large_answer_is_refused_before_any_inference(tiny_bundle, runtime
 class _FakeRuntime:
     """Sizes and densities of a big bundle (448 px, pixel-dense, 384 channels) without graphs."""
 
-    channels, sizes, iterations, default_iterations = 384, [(224, 224), (448, 448)], [0, 1, 2, 3, 4], 1
+    channels, sizes, iterations, default_iterations, patch_size = 384, [(224, 224), (448, 448)], [0, 1, 2, 3, 4], 1, 16
 
     def stride(self, k):
         return 16 / 2**k
@@ -171,3 +171,21 @@ def test_large_rows_are_upsampled_a_few_at_a_time(tiny_bundle, runtime, monkeypa
     monkeypatch.setattr(features_module, "UPSAMPLE_CHUNK_BYTES", 2 * 32 * 8 * 8 * 4)  # two rows a call
     np.testing.assert_array_equal(service._upsample((images, coarse), 1), whole)
     assert calls == [2, 2, 1]
+
+
+def test_a_bundle_without_density_0_serves(tmp_path):
+    """`lift export`'s default is --lift-iterations 1 alone: the backbone's own grid is not offered,
+    but the service still plans images and sizes its cache on it."""
+    from conftest import make_tiny_bundle
+    from lift_serve.service.ort_runtime import BundleRuntime
+
+    bundle = make_tiny_bundle(tmp_path / "k1", lift_iterations=(1,), sizes=[(64, 64)])
+    runtime = BundleRuntime(bundle, providers="cpu")
+    with started_client(make_app(bundle, runtime, max_wait_ms=0)) as client:
+        r = client.post("/v1/features", content=encode(noise(64, 64, seed=30)), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.headers["x-feature-shape"] == "32,8,8"
+        assert client.post(f"/v1/similarity?x=5&y=5&format=npy&feature_id={r.headers['x-feature-id']}").status_code \
+            == 200
+        r = client.post("/v1/features?iterations=0", content=encode(noise(64, 64, seed=30)),
+                        headers={"content-type": "image/png"})
+        assert r.status_code == 422 and "choose one of [1]" in r.json()["error"]["message"]

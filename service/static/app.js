@@ -469,7 +469,14 @@ function placeBestMatch(slot, data) {
 
 function showValueUnderCursor(slot, event) {
   const shown = state.shown;
-  if (!shown || shown.kind !== "similarity" || shown.slot !== slot || !shown.values) return;
+  if (!shown || shown.kind !== "similarity" || shown.slot !== slot) return;
+  if (!shown.values) {
+    if (!shown.loading) {
+      shown.loading = true;
+      loadMapValues(shown, false);
+    }
+    return;
+  }
   const point = pointFromEvent(slot, event);
   if (!point) return;
   const [row, col] = cellOf(shown.values.target, point.x, point.y);
@@ -596,7 +603,9 @@ async function showSimilarity({ slot, x, y }) {
   showColourRange(response.headers.get("X-Colour-Range"));
   state.shown = { kind: "similarity", slot: targetSlot, png: url, point: { slot, x, y },
                   ids: { source: await featureId(source), target: await featureId(target) } };
-  loadMapValues(state.shown, target !== source);
+  // The map's values (a second, JSON request): at once for the best match on the other image, else
+  // only when the pointer first moves over the map.
+  if (target !== source) loadMapValues(state.shown, true);
   const elapsed = performance.now() - started;
   state.maps += 1;
   state.lastClick = { slot, x, y };
