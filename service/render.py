@@ -76,8 +76,9 @@ def heatmap_png_image(sim: np.ndarray, geometry: ImageGeometry, image: Image.Ima
 
     Colours span ``span`` = (low, high), from :func:`colour_range` (default: its ``auto``, the map's
     own range over the image's cells, lowest similarity -> dark blue, the queried point's 1 ->
-    yellow; ``absolute``: cosine -1 -> dark blue, 1 -> yellow, comparable between maps), quantised to 256 levels. Without ``image``: a palette (``P``) image, which encodes to PNG about three
-    times faster than RGB. With ``image``: RGB, ``alpha`` * heat + (1 - ``alpha``) * image.
+    yellow; ``absolute``: cosine -1 -> dark blue, 1 -> yellow, comparable between maps), quantised
+    to 256 levels. Without ``image``: a palette (``P``) image, which encodes to PNG about three times
+    faster than RGB. With ``image``: RGB, ``alpha`` * heat + (1 - ``alpha``) * image.
     """
     full = map_to_image(sim, geometry)
     lo, hi = span if span is not None else colour_range(sim, geometry)
