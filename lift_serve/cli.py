@@ -32,6 +32,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "decode": "lift_serve.bench.decode_bench",
         "upsamplers": "lift_serve.bench.upsampler_bench",
         "soak": "lift_serve.bench.soak_bench",
+        "extract": "lift_serve.bench.extract_bench",
         "train": "lift_serve.training.bench_cli",
     },
 }

@@ -83,3 +83,44 @@ def test_extract_into_safetensors_shards_at_a_stride(folder, tmp_path, tiny_bund
         assert tensor.shape == (32, 5, 5) and record["stride"] == 12.8
         expected = resample_features(_expected(runtime, folder / record["file"]), 5, 5)
         np.testing.assert_allclose(tensor, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_run_resumes_to_the_same_files(folder, tmp_path, tiny_bundle, runtime, monkeypatch):
+    """Stopped after its first batch (the runtime fails), then resumed: the same files, byte for byte,
+    as one uninterrupted run."""
+    from lift_serve.service.extract import ExtractOptions, Extractor
+
+    options = ExtractOptions(dtype="float32", batch_size=1)
+    whole = tmp_path / "whole"
+    Extractor(runtime, folder, whole, options, "b").run()
+
+    calls = {"n": 0}
+    real = runtime.run
+
+    def failing(images, k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("stopped")
+        return real(images, k)
+
+    monkeypatch.setattr(runtime, "run", failing)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        Extractor(runtime, folder, stopped, options, "b").run()
+    assert len((stopped / "index.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(runtime, "run", real)
+    counts = Extractor(runtime, folder, stopped, options, "b").run()
+    assert counts["skipped_done"] == 1 and counts["written"] == 2
+    for rel in ("a.png", "nested/b.jpg", "nested/deeper/c.png"):
+        assert (stopped / f"{rel}.npy").read_bytes() == (whole / f"{rel}.npy").read_bytes()
+    ordered = sorted((whole / "index.jsonl").read_text().splitlines())
+    assert sorted((stopped / "index.jsonl").read_text().splitlines()) == ordered
+
+
+def test_the_extract_benchmark_reports_a_ratio_to_the_raw_runtime(tmp_path, tiny_bundle):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "extract", "--bundle", str(tiny_bundle), "--images", "4", "--side", "96",
+                     "--batch-size", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["raw_images_per_s"] > 0 and result["extract_images_per_s"] > 0
+    assert result["ratio_to_raw"] == pytest.approx(result["extract_images_per_s"] / result["raw_images_per_s"])

@@ -214,6 +214,12 @@ def test_click_a_point_page(server_url, browser, tmp_path):
                               "s.dispatchEvent(new Event('input'));")
         _click_and_wait(driver, stage, 0.35, 0.4)
         driver.save_screenshot(shot)
+        driver.find_element("id", "tab-features").click()  # and the Features view beside it
+        _wait(driver, lambda d: "principal" in d.find_element("id", "heat-a").get_attribute("alt"),
+              "no features picture for the screenshot")
+        driver.save_screenshot(str(Path(shot).with_name(Path(shot).stem + "-features.png")))
+        driver.find_element("id", "tab-similarity").click()
+        _click_and_wait(driver, stage, 0.35, 0.4)  # the similarity view starts without a map
 
     # Iterations 0: coarser map, same point, still works, and the image is not sent again: the
     # feature id serves every density (the server keeps its backbone features).
@@ -272,9 +278,18 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     ActionChains(driver).move_to_element_with_offset(stage_b, 0, 0).perform()
     _wait(driver, lambda d: d.find_element("id", "hover-value").text.startswith("similarity "),
           "no score under the cursor")
-    # Downloads: the PNG shown and the map's values.
-    assert driver.find_element("id", "download-png").is_displayed()
-    assert driver.find_element("id", "download-npy").is_displayed()
+    # Downloads: the PNG shown and the map's values (what the page hands the browser to save).
+    driver.execute_script("window.saved = []; window.download = (url, name) => saved.push([url, name]);")
+    driver.find_element("id", "download-png").click()
+    driver.find_element("id", "download-npy").click()
+    _wait(driver, lambda d: len(d.execute_script("return saved")) == 2, "the downloads were not offered")
+    heads = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "Promise.all(saved.map(([url]) => fetch(url).then((r) => r.arrayBuffer())))"
+        ".then((bufs) => done(bufs.map((b) => Array.from(new Uint8Array(b).slice(0, 6)))));")
+    names = [name for _, name in driver.execute_script("return saved")]
+    assert names == ["similarity.png", "similarity.npy"]
+    assert bytes(heads[0][:4]) == b"\x89PNG" and bytes(heads[1]) == b"\x93NUMPY"
 
     # Matches view: lines drawn from /v1/match.
     driver.find_element("id", "tab-matches").click()
@@ -286,13 +301,11 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     assert "(best)" in driver.find_element("id", "match-legend-high").text
     assert driver.execute_script("return scoreColour(1, 0, 1)") == "rgb(255, 240, 40)"
     assert driver.execute_script("return scoreColour(0, 0, 1)") == "rgb(20, 12, 80)"
-    # The score of the match under the pointer.
-    spot = driver.execute_script("return state.matchSpots[0]")
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    rect = canvas.rect
-    ActionChains(driver).move_to_element_with_offset(
-        canvas, int(spot["ends"][0][0] - rect["width"] / 2), int(spot["ends"][0][1] - rect["height"] / 2)).perform()
+    # The score of the match under the pointer (a pointer event at one match's end).
+    driver.execute_script(
+        "const c = document.getElementById('match-canvas'), r = c.getBoundingClientRect();"
+        "const [x, y] = state.matchSpots[0].ends[0];"
+        "c.dispatchEvent(new PointerEvent('pointermove', {clientX: r.left + x, clientY: r.top + y, bubbles: true}));")
     _wait(driver, lambda d: d.find_element("id", "hover-value").text.startswith("match score "),
           "no score for the match under the pointer")
     driver.find_element("id", "tab-similarity").click()
@@ -459,3 +472,6 @@ def test_docs_render_without_the_internet(server_url, browser):
           "Swagger UI did not render the endpoints")
     paths = {e.text for e in browser.find_elements("css selector", ".opblock-summary-path")}
     assert {"/v1/features", "/v1/similarity", "/v1/match", "/v1/visualize"} <= paths
+    # Everything the page loaded came from the server itself.
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert loaded and all(url.startswith(server_url) for url in loaded), loaded
