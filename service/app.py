@@ -86,10 +86,18 @@ def _load_runtime(settings: Settings, demo_exporter: Callable[[Path], Path] | No
             )
         logger.warning(DEMO_WARNING)
         bundle = demo_exporter(settings.demo_dir)
-    runtime = open_runtime(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads,
-                           inter_op_threads=settings.inter_op_threads)
+    runtime = open_runtime(bundle, kind=settings.runtime, **runtime_options(settings))
     check_required_provider(settings.require_provider, list(getattr(runtime, "active_providers", [])))
     return runtime
+
+
+def runtime_options(settings: Settings) -> dict:
+    """The constructor options of the runtime ``settings.runtime`` names, from the settings."""
+    if settings.runtime == "triton":
+        return {"url": settings.triton_url, "model_prefix": settings.triton_model_prefix,
+                "timeout_s": settings.request_timeout_s}
+    return {"providers": settings.provider_list, "intra_op_threads": settings.intra_op_threads,
+            "inter_op_threads": settings.inter_op_threads}
 
 
 def check_required_provider(required: str, active: list[str]) -> None:

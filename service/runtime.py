@@ -15,7 +15,10 @@ import numpy as np
 from lift_serve.bundle import BundleError, Manifest, read_manifest
 
 # kind -> "module:Class", imported on first use so that an absent engine costs nothing.
-RUNTIMES = {"onnxruntime": "lift_serve.service.ort_runtime:BundleRuntime"}
+RUNTIMES = {
+    "onnxruntime": "lift_serve.service.ort_runtime:BundleRuntime",
+    "triton": "lift_serve.service.triton_runtime:TritonRuntime",
+}
 
 
 @runtime_checkable

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
                                            "any inference (422 naming the limit); unset = the larger of 256 MiB "
                                            "and one image's float32 features at the bundle's densest density")
     resize_policy: Literal["square", "keep_aspect"] = "square"
+    runtime: Literal["onnxruntime", "triton"] = Field(
+        "onnxruntime", description="what runs the bundle's graphs: ONNX Runtime in this process, or a Triton "
+        "server holding the repository `lift export --format triton` wrote (LIFT_TRITON_URL)")
+    triton_url: str = Field("http://127.0.0.1:8000", description="the Triton server's HTTP (KServe v2) endpoint, "
+                            "for LIFT_RUNTIME=triton")
+    triton_model_prefix: str = Field("lift", description="prefix of the model names in the Triton repository "
+                                     "(`lift export --format triton --model-prefix`)")
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
     require_provider: Literal["", "cpu", "cuda", "tensorrt"] = Field(
         "", description="set: start-up fails unless ONNX Runtime really runs on this provider (no silent fallback)")
