@@ -3,8 +3,10 @@
 Two kinds of entries share one budget:
 
 * an :class:`Embedding` per image, keyed by :func:`embedding_key` (the SHA-256 of the uploaded bytes,
-  resize policy, model input size): the backbone features and the model-input pixels, everything
-  the upsampler needs to produce *any* density without the backbone;
+  resize policy, model input size): the backbone features and the uploaded file, everything the
+  upsampler needs to produce *any* density without the backbone (its guide pixels are decoded from
+  the file again when a new density is asked for: a decode costs less than an upsampler run, and
+  holding them would take a sixth of a float16 entry's bytes);
 * a :class:`FeatureEntry` per (image, density), keyed by its feature id (:func:`with_density`, the
   embedding key plus ``k<iterations>``, or ``k<iterations>s<stride>`` for an explicit stride): the
   features at that density as the runtime returned them (float32), resampled for an explicit
@@ -87,21 +89,20 @@ class Embedding:
 
     Attributes:
         id: :func:`embedding_key`.
-        coarse: float32 ``[C, H/P, W/P]`` backbone features.
-        pixels: uint8 ``[H, W, 3]`` model-input image (the upsampler's guide).
+        coarse: ``[C, H/P, W/P]`` backbone features (the bundle's precision).
         geometry: how the original image maps onto the model input (stride = patch size).
-        image_bytes: the uploaded file, kept to draw overlays later (re-decoded on demand).
+        image_bytes: the uploaded file, kept to draw overlays and to make the upsampler's guide
+            pixels again (re-decoded on demand).
     """
 
     id: str
     coarse: np.ndarray
-    pixels: np.ndarray
     geometry: ImageGeometry
     image_bytes: bytes
 
     @property
     def nbytes(self) -> int:
-        return int(self.coarse.nbytes) + int(self.pixels.nbytes) + len(self.image_bytes) + 1024
+        return int(self.coarse.nbytes) + len(self.image_bytes) + 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ class FeatureEntry:
 
     Attributes:
         id: the feature id (cache key).
-        features: float32 ``[C, grid_height, grid_width]``.
+        features: ``[C, grid_height, grid_width]``, float16 or float32 (the bundle's precision).
         geometry: how the original image maps onto the grid.
         density: upsampler steps run (``density.iterations``) and the explicit stride, if any.
         image_bytes: the uploaded file, kept to draw overlays later (re-decoded on demand); the same
@@ -142,9 +143,9 @@ class FeatureEntry:
 
     @property
     def nbytes(self) -> int:
-        # features + the norms + rough object overhead (the file is counted with the embedding)
-        size = int(self.features.nbytes)
-        return size + size // max(1, self.features.shape[0]) + 1024
+        # features + the float32 norms + rough object overhead (the file is counted with the embedding)
+        cells = int(np.prod(self.features.shape[1:]))
+        return int(self.features.nbytes) + 4 * cells + 1024
 
 
 class FeatureCache:

@@ -47,7 +47,7 @@ from lift_serve.service.settings import MIB, Settings
 
 logger = logging.getLogger("lift.service")
 
-# One upsampler call's output at most (bytes, float32): a batch at a density whose rows are bigger
+# One upsampler call's output at most (bytes): a batch at a density whose rows are bigger
 # runs a few rows at a time, so ONNX Runtime's intermediates (a few times the output) stay bounded
 # by one image's, not the batch's. Pixel-dense 448 x 448 x 384 is 308 MB a row: one row a call.
 UPSAMPLE_CHUNK_BYTES = 64 * MIB
@@ -72,6 +72,7 @@ class FeatureService:
         self.metrics = metrics
         largest = self._largest_image_bytes(runtime)
         self.largest_answer_bytes = largest.answer  # one image's float32 features at the densest density
+        self.feature_dtype = feature_dtype(runtime)
         self.cache_bytes = self._cache_budget(settings.cache_bytes, largest)
         self.max_response_bytes = settings.max_response_bytes or max(DEFAULT_BUDGET_BYTES, largest.answer)
         self.cache = FeatureCache(self.cache_bytes, on_hit=metrics.cache_hits.inc, on_miss=metrics.cache_misses.inc)
@@ -111,11 +112,11 @@ class FeatureService:
         """The upsampler on a batch, a few rows a call when a row's output is large
         (:data:`UPSAMPLE_CHUNK_BYTES`); the rows land in one preallocated array."""
         h, w = self.runtime.feature_size(images.shape[1], images.shape[2], iterations)
-        row_bytes = self.runtime.channels * h * w * 4
+        row_bytes = self.runtime.channels * h * w * self.feature_dtype.itemsize
         per_call = max(1, UPSAMPLE_CHUNK_BYTES // row_bytes)
         if len(images) <= per_call:
             return self.runtime.upsample(images, coarse, iterations)
-        out = np.empty((len(images), self.runtime.channels, h, w), np.float32)
+        out = np.empty((len(images), self.runtime.channels, h, w), self.feature_dtype)
         for start in range(0, len(images), per_call):
             stop = start + per_call
             out[start:stop] = self.runtime.upsample(images[start:stop], coarse[start:stop], iterations)
@@ -130,15 +131,16 @@ class FeatureService:
     @staticmethod
     def _largest_image_bytes(runtime) -> _ImageBytes:
         cached = answer = 0
+        itemsize = feature_dtype(runtime).itemsize  # the cache holds the bundle's own precision
         for height, width in runtime.sizes:
             # The backbone's grid (patch size), whether or not the bundle offers density 0 itself.
             ch, cw = height // runtime.patch_size, width // runtime.patch_size
-            embedding = runtime.channels * ch * cw * 4 + height * width * 3  # coarse features + pixels
+            embedding = runtime.channels * ch * cw * itemsize  # coarse features (the file is counted apart)
             for k in runtime.iterations:
                 h, w = runtime.feature_size(height, width, k)
-                # Features at density k and their per-cell norms, float32 (an explicit stride's
+                # Features at density k and their float32 per-cell norms (an explicit stride's
                 # resampled copy is never larger than the density it comes from).
-                cached = max(cached, embedding + (runtime.channels + 1) * h * w * 4)
+                cached = max(cached, embedding + (runtime.channels * itemsize + 4) * h * w)
                 answer = max(answer, runtime.channels * h * w * 4)
         return FeatureService._ImageBytes(cached, answer)
 
@@ -244,9 +246,24 @@ class FeatureService:
                        is_gone: Callable[[], Awaitable[bool]] | None) -> FeatureEntry:
         """Features at ``density`` of a cached embedding: upsampler steps only, no backbone."""
         k = density.iterations
-        features = embedding.coarse if k == 0 else await self._submit(
-            self.upsampler, (embedding.pixels, embedding.coarse), k, is_gone)
+        if k == 0:
+            features = embedding.coarse
+        else:
+            pixels = await self._decode(embedding.image_bytes, embedding.geometry)
+            features = await self._submit(self.upsampler, (pixels, embedding.coarse), k, is_gone)
         return await self._finish(embedding.id, self._native(embedding, k, features), density)
+
+    async def _decode(self, data: bytes, geometry: ImageGeometry, batch_key: tuple | None = None) -> np.ndarray:
+        """The model input of an upload (a thread, within the decode gate's budget); ``batch_key``:
+        announce it to the batcher, so that a batch about to close waits for this decode."""
+        if batch_key is not None:
+            self.batcher.expect(batch_key)
+        try:
+            async with self.decodes.admit(geometry.width * geometry.height):
+                return await asyncio.to_thread(self._model_input, data, geometry)
+        finally:
+            if batch_key is not None:
+                self.batcher.unexpect(batch_key)
 
     async def from_upload(self, data: bytes, iterations: int | None = None, stride: float | None = None,
                           is_gone: Callable[[], Awaitable[bool]] | None = None) -> FeatureEntry:
@@ -260,15 +277,10 @@ class FeatureService:
             return entry
         k = density.iterations
         batch_key = self.batcher.key((geometry.input_height, geometry.input_width), k)
-        self.batcher.expect(batch_key)  # so that a batch about to close waits for this image's decode
-        try:
-            async with self.decodes.admit(geometry.width * geometry.height):
-                model_input = await asyncio.to_thread(self._model_input, data, geometry)
-        finally:
-            self.batcher.unexpect(batch_key)
-        # No await between unexpect and the enqueue inside submit: the worker never sees a gap.
+        model_input = await self._decode(data, geometry, batch_key)
+        # No await between unexpect (in _decode) and the enqueue inside submit: the worker never sees a gap.
         result = await self._submit(self.batcher, model_input, k, is_gone)
-        embedding = Embedding(key, result[0], model_input, geometry, data)
+        embedding = Embedding(key, result[0], geometry, data)
         self.cache.put(embedding)
         return await self._finish(key, self._native(embedding, k, result[-1]), density)
 
@@ -303,6 +315,12 @@ class FeatureService:
                                f"feature id {fid[:100]!r} is unknown or was evicted from the cache; "
                                "send the image again (the response carries a fresh id)")
         return entry
+
+
+def feature_dtype(runtime) -> np.dtype:
+    """The precision the runtime's features come in (and are cached in): float16 for a float16
+    bundle, else float32 (also for runtimes that do not say)."""
+    return np.dtype(getattr(runtime, "feature_dtype", np.float32))
 
 
 def request_of(density: Density) -> tuple[int | None, float | None]:

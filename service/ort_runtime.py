@@ -11,8 +11,11 @@ Conventions (the bundle contract, ``lift_serve.bundle``):
 
 * ``images``: uint8 ``[B, H, W, 3]`` RGB pixels 0..255, ``(H, W)`` one of :attr:`BundleRuntime.sizes`
   (resizing is the caller's job: the geometry that maps clicks to cells must know the size used);
-* features: float32 ``[B, C, h, w]``, cell ``(i, j)`` covering input pixels
-  ``[i*stride, (i+1)*stride) x [j*stride, (j+1)*stride)``, ``stride = patch / 2**k``.
+* features: ``[B, C, h, w]``, cell ``(i, j)`` covering input pixels
+  ``[i*stride, (i+1)*stride) x [j*stride, (j+1)*stride)``, ``stride = patch / 2**k``; in the bundle's
+  own precision from :meth:`BundleRuntime.embed` and :meth:`BundleRuntime.upsample` (a float16
+  bundle gives float16, which the service caches at half the bytes), float32 from
+  :meth:`BundleRuntime.run`.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ class BundleRuntime:
         self.patch_size = m.backbone.patch_size
         self.demo = m.demo
         self.output_dtype = m.output.dtype
+        self.feature_dtype = np.dtype(np.float16 if self.output_dtype == "float16" else np.float32)
         options = _session_options(ort, intra_op_threads, inter_op_threads, graph_optimization)
         wanted = resolve_providers(providers, ort.get_available_providers())
         self._sessions = {role: self._open_session(ort, role, graph, options, wanted)
@@ -282,32 +286,33 @@ class BundleRuntime:
         return np.ascontiguousarray(images)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """Backbone features ``[B, C, H/P, W/P]`` (float32) of a batch: the part worth caching."""
+        """Backbone features ``[B, C, H/P, W/P]`` of a batch, in the bundle's precision
+        (:attr:`feature_dtype`): the part worth caching."""
         images = self.check_images(images)
         (features,) = self._sessions["backbone"].run(None, {self.manifest.backbone.graph.inputs[0]: images})
-        return features.astype(np.float32, copy=False)
+        return features
 
     def upsample(self, images: np.ndarray, coarse: np.ndarray, iterations: int | None = None) -> np.ndarray:
         """Features at density ``iterations`` from backbone features ``coarse`` of ``images``:
-        ``prepare`` once, then ``step`` k times (no backbone pass). float32 ``[B, C, h, w]``."""
+        ``prepare`` once, then ``step`` k times (no backbone pass). ``[B, C, h, w]`` in the bundle's
+        precision (:attr:`feature_dtype`)."""
         k = self._resolve(iterations)
+        features = np.ascontiguousarray(coarse, dtype=self.feature_dtype)
         if k == 0:
-            return coarse.astype(np.float32, copy=False)
+            return features
         images = self.check_images(images)
         graphs = self.manifest.upsampler.graphs
-        model_dtype = np.float16 if self.output_dtype == "float16" else np.float32
         (state,) = self._sessions["upsampler_prepare"].run(None, {graphs.prepare.inputs[0]: images})
-        features = np.ascontiguousarray(coarse, dtype=model_dtype)
         state_name, features_name = graphs.step.inputs
         for _ in range(k):
             state, features = self._sessions["upsampler_step"].run(None, {state_name: state, features_name: features})
-        return features.astype(np.float32, copy=False)
+        return features
 
     def run(self, images: np.ndarray, iterations: int | None = None) -> np.ndarray:
         """Dense features of a batch at density ``iterations`` (None = :attr:`default_iterations`):
         backbone, then the upsampler. float32 ``[B, C, H/stride, W/stride]``."""
         k = self._resolve(iterations)
-        return self.upsample(images, self.embed(images), k)
+        return self.upsample(images, self.embed(images), k).astype(np.float32, copy=False)
 
     def describe(self) -> dict:
         """A JSON-ready summary for ``/v1/models`` and logs."""

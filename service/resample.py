@@ -63,9 +63,11 @@ def _apply_taps(block: np.ndarray, axis: int, taps: tuple[np.ndarray, np.ndarray
 
 
 def resample_features(features: np.ndarray, height: int, width: int) -> np.ndarray:
-    """float32 ``[C, height, width]`` from ``[C, h, w]``; the array itself when the size already matches.
+    """``[C, height, width]`` from ``[C, h, w]``; the array itself when the size already matches.
 
-    Both axes are done a few channels at a time (:data:`CHANNEL_CHUNK`), so the only full-size
+    Computed in float32 and returned in the input's precision when that is float16 (the cache
+    keeps the bundle's precision), else float32. Both axes are done a few channels at a time
+    (:data:`CHANNEL_CHUNK`), so the only full-size
     array made is the answer.
     """
     if features.ndim != 3:
@@ -75,9 +77,9 @@ def resample_features(features: np.ndarray, height: int, width: int) -> np.ndarr
         return features
     rows = bilinear_taps(height, h) if h != height else None
     cols = bilinear_taps(width, w) if w != width else None
-    out = np.empty((channels, height, width), np.float32)
+    out = np.empty((channels, height, width), np.float16 if features.dtype == np.float16 else np.float32)
     for start in range(0, channels, CHANNEL_CHUNK):
-        block = features[start:start + CHANNEL_CHUNK]
+        block = features[start:start + CHANNEL_CHUNK].astype(np.float32, copy=False)
         if rows is not None:
             block = _apply_taps(block, 1, rows)
         if cols is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import re
 from typing import Annotated, Literal
@@ -19,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from lift_serve.service.cache import FeatureEntry
-from lift_serve.service.codec import ImageError, decode_image, encode_npy, encode_png
+from lift_serve.service.codec import ImageError, decode_image, encode_json, encode_npy, encode_png
 from lift_serve.service.density import check_one_density
 from lift_serve.service.errors import ServiceError, error_body
 from lift_serve.service.features import FeatureService, request_of
@@ -460,8 +459,8 @@ def _features_json(entries: list[FeatureEntry], dtype: str) -> bytes:
         items.append({"id": e.id, "shape": list(e.features.shape), "stride": e.geometry.stride,
                       "input_size": g["input_size"], "image_size": g["image_size"], "geometry": g,
                       "iterations": e.iterations, "density": e.density.label, "dtype": dtype,
-                      "data": e.features.astype(dtype).astype(np.float64).tolist()})
-    return json.dumps({"features": items}).encode()
+                      "data": np.ascontiguousarray(e.features, dtype=dtype)})
+    return encode_json({"features": items})
 
 
 # -- similarity -------------------------------------------------------------------------------------
@@ -532,13 +531,13 @@ async def similarity(
     if format == "npy":
         return Response(encode_npy(sim), media_type=NPY, headers=headers)
     if format == "json":
-        return JSONResponse({
-            "similarity": sim.tolist(), "shape": list(sim.shape),
+        return Response(encode_json({
+            "similarity": np.ascontiguousarray(sim, np.float32), "shape": list(sim.shape),
             "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(result.cell_center)},
             "colour_range": {"scale": scale, "low": low, "high": high},
             "source": source.geometry.describe(), "target": target.geometry.describe(),
             "feature_id": source.id, "target_feature_id": target.id,
-        }, headers=headers)
+        }), media_type="application/json", headers=headers)
     png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, (low, high), settings.max_pixels)
     return Response(png, media_type="image/png", headers=headers)
 

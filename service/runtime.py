@@ -39,13 +39,15 @@ class Runtime(Protocol):
     def feature_size(self, height: int, width: int, iterations: int | None = None) -> tuple[int, int]: ...
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> float32 backbone features [B, C, H/P, W/P]."""
+        """uint8 [B, H, W, 3] -> backbone features [B, C, H/P, W/P] in the bundle's precision
+        (float16 or float32: the service caches what the engine computed, not a widened copy)."""
 
     def upsample(self, images: np.ndarray, coarse: np.ndarray, iterations: int | None = None) -> np.ndarray:
-        """Model-input pixels and their backbone features -> float32 features at that density."""
+        """Model-input pixels and their backbone features -> features at that density, in the
+        bundle's precision."""
 
     def run(self, images: np.ndarray, iterations: int | None = None) -> np.ndarray:
-        """embed, then upsample."""
+        """embed, then upsample; float32."""
 
     def describe(self) -> dict: ...
 

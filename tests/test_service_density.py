@@ -146,7 +146,7 @@ def test_budgets_left_unset_fit_the_bundles_densest_density(tiny_bundle):
 
     service = FeatureService(_FakeRuntime(), Settings(bundle=tiny_bundle), ServiceMetrics())
     pixel_dense = 384 * 448 * 448 * 4
-    one_image = 384 * 28 * 28 * 4 + 448 * 448 * 3 + pixel_dense + 448 * 448 * 4
+    one_image = 384 * 28 * 28 * 4 + pixel_dense + 448 * 448 * 4
     assert service.cache_bytes == 2 * one_image and service.max_response_bytes == pixel_dense
     small = FeatureService(type("Small", (_FakeRuntime,), {"sizes": [(64, 64)]})(),
                            Settings(bundle=tiny_bundle), ServiceMetrics())
@@ -189,3 +189,53 @@ def test_a_bundle_without_density_0_serves(tmp_path):
         r = client.post("/v1/features?iterations=0", content=encode(noise(64, 64, seed=30)),
                         headers={"content-type": "image/png"})
         assert r.status_code == 422 and "choose one of [1]" in r.json()["error"]["message"]
+
+
+class _HalfRuntime:
+    """The tiny bundle's runtime as a float16 bundle's would be: features in float16."""
+
+    feature_dtype = np.dtype(np.float16)
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def embed(self, images):
+        return self._runtime.embed(images).astype(np.float16)
+
+    def upsample(self, images, coarse, iterations=None):
+        return self._runtime.upsample(images, coarse.astype(np.float32), iterations).astype(np.float16)
+
+
+def test_a_float16_bundle_is_cached_in_float16_at_half_the_bytes(tiny_bundle, runtime):
+    """The cache keeps what the engine computed: a float16 bundle's entries are float16 (not widened),
+    answered bit for bit, and the cache holds twice the images of a float32 bundle in the same budget."""
+    from lift_serve.service.features import FeatureService
+    from lift_serve.service.metrics import ServiceMetrics
+    from lift_serve.service.settings import Settings
+
+    half = _HalfRuntime(runtime)
+    with started_client(make_app(tiny_bundle, half, max_wait_ms=0)) as client:
+        png = encode(noise(64, 64, seed=41))
+        r = client.post("/v1/features?dtype=float16", content=png, headers={"content-type": "image/png"})
+        answered = np.load(io.BytesIO(r.content))
+        expected = half.upsample(noise(64, 64, seed=41)[None], half.embed(noise(64, 64, seed=41)[None]), 1)[0]
+        np.testing.assert_array_equal(answered, expected)
+        service = client.app.state.service.features
+        entry = service.cache.get(r.headers["x-feature-id"], count=False)
+        assert entry.features.dtype == np.float16 and entry.nbytes == 32 * 8 * 8 * 2 + 8 * 8 * 4 + 1024
+        # density 0 from the cached embedding (float16 as well), and float32 answers are the float16 widened
+        r0 = client.post(f"/v1/similarity?feature_id={r.headers['x-feature-id']}&iterations=0&x=1&y=1&format=npy")
+        assert service.cache.get(r0.headers["x-feature-id"], count=False).features.dtype == np.float16
+        r32 = client.post("/v1/features", content=png, headers={"content-type": "image/png"})  # a cache hit
+        np.testing.assert_array_equal(np.load(io.BytesIO(r32.content)), expected.astype(np.float32))
+
+    # Capacity at one budget, for a ViT-S/16 + LiFT bundle at 448 (the cache's own accounting).
+    fp32, fp16 = _FakeRuntime(), type("Half", (_FakeRuntime,), {"feature_dtype": np.dtype(np.float16)})()
+    budget = 1 << 30
+    images = [budget // FeatureService._largest_image_bytes(r).cached for r in (fp32, fp16)]
+    assert images[1] / images[0] >= 1.99
+    assert FeatureService(fp16, Settings(bundle=tiny_bundle), ServiceMetrics()).cache_bytes * 2 >= \
+        FeatureService(fp32, Settings(bundle=tiny_bundle), ServiceMetrics()).cache_bytes  # unset budgets scale too
