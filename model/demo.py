@@ -22,7 +22,7 @@ DEMO_SIZES = ((224, 224), (448, 448))
 DEMO_LIFT_SEED = 0
 
 
-def _is_current_demo(out_dir: Path) -> bool:
+def _is_current_demo(out_dir: Path, sizes=DEMO_SIZES) -> bool:
     try:
         manifest = read_manifest(out_dir)
     except BundleError:
@@ -33,7 +33,7 @@ def _is_current_demo(out_dir: Path) -> bool:
             and backbone.model_kwargs == DEMO_SPEC["model_kwargs"]
             and backbone.channel_layout == DEMO_SPEC["channel_layout"]
             and manifest.iterations == list(DEMO_ITERATIONS)
-            and [list(s) for s in manifest.input.sizes] == [list(s) for s in DEMO_SIZES])
+            and [list(s) for s in manifest.input.sizes] == [list(s) for s in sizes])
     return same and all(
         (out_dir / g.file).is_file() and sha256_file(out_dir / g.file) == g.sha256
         for g in manifest.graph_files().values()
@@ -49,23 +49,24 @@ def demo_modules() -> tuple[ViTBackbone, LiFT]:
     return backbone, lift
 
 
-def export_demo_bundle(out_dir: str | Path) -> Path:
+def export_demo_bundle(out_dir: str | Path, sizes=DEMO_SIZES) -> Path:
     """A demo bundle for trying the service without trained weights (``lift serve --demo``).
 
     Full-depth ViT-S/16 (``vit_small_patch16_224``, random weights, seed 0, key facet of the last
     block) and an untrained LiFT (``LiFT(384, 16)`` initialised under seed 0); densities 0 and 1;
-    sizes 224 and 448. An existing valid demo bundle at ``out_dir`` (same recipe, graphs matching
-    their sha256) is reused instead of exported again.
+    sizes 224 and 448 (``sizes``: another list, e.g. for a benchmark that needs every upload at one
+    size). An existing valid demo bundle at ``out_dir`` (same recipe and sizes, graphs matching their
+    sha256) is reused instead of exported again.
     """
     from lift_serve.model import export
 
     out_dir = Path(out_dir)
-    if _is_current_demo(out_dir):
+    if _is_current_demo(out_dir, sizes):
         logger.info("reusing demo bundle at %s", out_dir)
         return out_dir
     backbone, lift = demo_modules()
     logger.info("exporting demo bundle to %s (about a minute on 2 CPU cores)", out_dir)
-    return export.export_modules(out_dir, backbone, lift, DEMO_ITERATIONS, DEMO_SIZES, demo=True)
+    return export.export_modules(out_dir, backbone, lift, DEMO_ITERATIONS, sizes, demo=True)
 
 
 def default_demo_dir() -> Path:

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from lift_serve.service.timing import record
 
 logger = logging.getLogger("lift.batcher")
 
@@ -92,6 +93,8 @@ class _Item:
     enqueued: float
     is_gone: Callable[[], Awaitable[bool]] | None
     dropped: bool = False
+    batch_started: float = 0.0  # loop time its batch went to the inference thread
+    batch_seconds: float = 0.0  # how long that batch ran
 
 
 class MicroBatcher:
@@ -216,13 +219,16 @@ class MicroBatcher:
         self._set_depth(self._depth + 1)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(item.future, self.timeout_s)
+            result = await asyncio.wait_for(item.future, self.timeout_s)
         except asyncio.TimeoutError:
             raise BatchTimeoutError(f"no result within {self.timeout_s:g} s") from None
         except asyncio.CancelledError:
             if item.dropped:  # the worker dropped it (client gone); this task itself was not cancelled
                 raise ClientGoneError("the client disconnected before inference") from None
             raise
+        record("queue", item.batch_started - item.enqueued)
+        record("inference", item.batch_seconds)
+        return result
 
     # -- worker ----------------------------------------------------------------------------------
     def _set_depth(self, depth: int) -> None:
@@ -295,6 +301,7 @@ class MicroBatcher:
             if not live:
                 continue
             images = _stack([item.image for item in live])
+            batch_started = loop.time()
             started = time.perf_counter()
             try:
                 features = await loop.run_in_executor(self._executor, self.run_batch, images, key[2])
@@ -312,4 +319,5 @@ class MicroBatcher:
             self.hooks.on_batch(len(live), seconds)
             for index, item in enumerate(live):
                 if not item.future.done():
+                    item.batch_started, item.batch_seconds = batch_started, seconds
                     item.future.set_result(_row(features, index, own=len(live) > 1))

@@ -44,6 +44,7 @@ from lift_serve.service.geometry import ImageGeometry
 from lift_serve.service.metrics import ServiceMetrics
 from lift_serve.service.resample import resample_features
 from lift_serve.service.settings import MIB, Settings
+from lift_serve.service.timing import timed
 
 logger = logging.getLogger("lift.service")
 
@@ -259,8 +260,9 @@ class FeatureService:
         if batch_key is not None:
             self.batcher.expect(batch_key)
         try:
-            async with self.decodes.admit(geometry.width * geometry.height):
-                return await asyncio.to_thread(self._model_input, data, geometry)
+            with timed("decode"):  # waiting for the decode gate included: that is decode congestion
+                async with self.decodes.admit(geometry.width * geometry.height):
+                    return await asyncio.to_thread(self._model_input, data, geometry)
         finally:
             if batch_key is not None:
                 self.batcher.unexpect(batch_key)
@@ -270,7 +272,8 @@ class FeatureService:
         """Features of an uploaded image file at the density ``iterations`` or ``stride`` ask for
         (:meth:`density`): cached features, else the cached embedding plus upsampler steps, else
         decode, batch, run backbone and upsampler, and cache both."""
-        key, geometry = await asyncio.to_thread(self.plan, data)
+        with timed("read"):
+            key, geometry = await asyncio.to_thread(self.plan, data)
         density = self.density(iterations, stride, (geometry.input_height, geometry.input_width))
         entry = await self._from_cache(key, density, is_gone)
         if entry is not None:

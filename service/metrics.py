@@ -9,7 +9,9 @@ Exposed at ``GET /metrics`` in the Prometheus text format:
 * ``lift_images_total`` images run by the model; ``lift_dropped_total{reason}`` requests dropped
   before inference (``disconnected``, ``cancelled``), ``lift_rejected_total{reason}`` (``queue_full``,
   ``timeout``);
-* ``lift_cache_hits_total``, ``lift_cache_misses_total``, ``lift_cache_bytes``.
+* ``lift_cache_hits_total``, ``lift_cache_misses_total``, ``lift_cache_bytes``;
+* ``lift_stage_seconds{stage}`` (histogram): a request's seconds in ``read``, ``decode``, ``queue``,
+  ``inference``, ``encode`` (service/timing.py; the same figures as each answer's ``Server-Timing``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class ServiceMetrics:
         self.cache_hits = Counter("lift_cache_hits", "feature cache hits", registry=r)
         self.cache_misses = Counter("lift_cache_misses", "feature cache misses", registry=r)
         self.cache_bytes = Gauge("lift_cache_bytes", "bytes held by the feature cache", registry=r)
+        self.stage_seconds = Histogram("lift_stage_seconds", "seconds of a request in one stage", ["stage"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

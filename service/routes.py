@@ -40,6 +40,7 @@ from lift_serve.service.schemas import (
 )
 from lift_serve.service.settings import Settings, get_settings
 from lift_serve.service.state import STATIC_DIR, ServiceState, weights_warning
+from lift_serve.service.timing import timed
 from starlette.requests import ClientDisconnect
 
 router = APIRouter()
@@ -389,7 +390,8 @@ async def features(
         total = sum(e.features.size for e in entries)
         if total > MAX_JSON_VALUES:
             raise ServiceError(422, "too_large_for_json", f"{total} values are too many for JSON; use format=npy")
-        payload = await asyncio.to_thread(_features_json, entries, dtype)
+        with timed("encode"):
+            payload = await asyncio.to_thread(_features_json, entries, dtype)
         headers = {"X-Feature-Id": ",".join(e.id for e in entries)}
         return Response(payload, media_type="application/json", headers=headers)
     shapes = {e.features.shape for e in entries}
@@ -398,7 +400,8 @@ async def features(
                            f"the images map to different feature shapes {sorted(shapes)}, which one .npy array "
                            "cannot hold; use format=json or one request per image")
     stacked = entries[0].features if len(entries) == 1 else np.stack([e.features for e in entries])
-    body = await asyncio.to_thread(encode_npy, stacked.astype(dtype, copy=False))
+    with timed("encode"):
+        body = await asyncio.to_thread(encode_npy, stacked.astype(dtype, copy=False))
     sizes = [_size_text(e) for e in entries]
     headers = {
         "X-Feature-Shape": ",".join(str(n) for n in stacked.shape),
@@ -528,17 +531,18 @@ async def similarity(
     headers = {"X-Feature-Id": source.id, "X-Target-Feature-Id": target.id, "X-Query-Cell": f"row={row},col={col}",
                "X-Feature-Stride": f"{target.geometry.stride:g}", "X-Input-Size": input_size,
                "X-Image-Size": image_size, "X-Colour-Range": f"{low:.6g},{high:.6g}"}
-    if format == "npy":
-        return Response(encode_npy(sim), media_type=NPY, headers=headers)
-    if format == "json":
-        return Response(encode_json({
-            "similarity": np.ascontiguousarray(sim, np.float32), "shape": list(sim.shape),
-            "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(result.cell_center)},
-            "colour_range": {"scale": scale, "low": low, "high": high},
-            "source": source.geometry.describe(), "target": target.geometry.describe(),
-            "feature_id": source.id, "target_feature_id": target.id,
-        }), media_type="application/json", headers=headers)
-    png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, (low, high), settings.max_pixels)
+    with timed("encode"):
+        if format == "npy":
+            return Response(encode_npy(sim), media_type=NPY, headers=headers)
+        if format == "json":
+            return Response(encode_json({
+                "similarity": np.ascontiguousarray(sim, np.float32), "shape": list(sim.shape),
+                "query": {"x": x, "y": y, "cell": [row, col], "cell_center": list(result.cell_center)},
+                "colour_range": {"scale": scale, "low": low, "high": high},
+                "source": source.geometry.describe(), "target": target.geometry.describe(),
+                "feature_id": source.id, "target_feature_id": target.id,
+            }), media_type="application/json", headers=headers)
+        png = await asyncio.to_thread(_similarity_png, sim, target, overlay, alpha, (low, high), settings.max_pixels)
     return Response(png, media_type="image/png", headers=headers)
 
 
@@ -672,8 +676,9 @@ async def match(
     found: Matches = await asyncio.to_thread(predictor.matches, a, b, max_matches, min_score)
     headers = {"X-Feature-Id-A": a.id, "X-Feature-Id-B": b.id}
     if format == "png":
-        png = await asyncio.to_thread(_match_png, a, b, found.points_a, found.points_b, found.scores,
-                                      settings.max_pixels)
+        with timed("encode"):
+            png = await asyncio.to_thread(_match_png, a, b, found.points_a, found.points_b, found.scores,
+                                          settings.max_pixels)
         return Response(png, media_type="image/png", headers=headers)
     return JSONResponse({
         "matches": [{"a": [float(pa[0]), float(pa[1])], "b": [float(pb[0]), float(pb[1])], "score": float(s)}

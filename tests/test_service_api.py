@@ -151,6 +151,24 @@ def test_features_npy_equal_the_runtime_on_the_planned_input(client, runtime):
     np.testing.assert_allclose(half.astype(np.float32), expected0, rtol=1e-3, atol=1e-3)
 
 
+def test_each_answer_says_where_its_time_went(client):
+    """Server-Timing: an upload goes through every stage, and its stages sum to no more than its total;
+    a click on cached features runs no inference; the same seconds reach lift_stage_seconds."""
+    from lift_serve.service.timing import parse_header
+
+    before = metric(client.get("/metrics").text, 'lift_stage_seconds_count{stage="decode"}')
+    r = client.post("/v1/features", content=encode(noise(64, 64, seed=77), "JPEG"),
+                    headers={"content-type": "image/jpeg"})
+    stages = parse_header(r.headers["server-timing"])
+    assert set(stages) == {"read", "decode", "queue", "inference", "encode", "total"}
+    assert min(stages.values()) >= 0 and stages["inference"] > 0
+    assert sum(v for k, v in stages.items() if k != "total") <= stages["total"] * 1.01 + 0.05
+    assert metric(client.get("/metrics").text, 'lift_stage_seconds_count{stage="decode"}') == before + 1
+    fid = r.headers["x-feature-id"]
+    click = client.post(f"/v1/similarity?feature_id={fid}&x=3&y=3&format=npy")
+    assert set(parse_header(click.headers["server-timing"])) == {"encode", "total"}
+
+
 def test_features_several_images_json_and_cache(client):
     a, b = encode(noise(64, 64, seed=4)), encode(noise(64, 64, seed=5))
     r = client.post("/v1/features", files=[("image", ("a.png", a)), ("image", ("b.png", b))])
