@@ -30,13 +30,14 @@ from lift_serve.service.metrics import ServiceMetrics
 from lift_serve.service.predictor import PredictionError
 from lift_serve.service.settings import Settings, get_settings
 from lift_serve.service.state import DEMO_WARNING, STATIC_DIR, ServiceState, weights_warning
+from lift_serve.service.timing import ServerTimingMiddleware
 
 logger = logging.getLogger("lift.service")
 
 # Headers a browser page may read from a cross-origin response.
 EXPOSED_HEADERS = ["X-Feature-Id", "X-Target-Feature-Id", "X-Feature-Id-A", "X-Feature-Id-B", "X-Feature-Shape",
                    "X-Feature-Stride", "X-Input-Size", "X-Image-Size", "X-Query-Cell", "X-Colour-Range",
-                   "X-Basis-Feature-Id", "X-PCA-Explained-Variance", "Retry-After"]
+                   "X-Basis-Feature-Id", "X-PCA-Explained-Variance", "Retry-After", "Server-Timing"]
 
 
 class ConfigError(ValueError):
@@ -227,6 +228,7 @@ def create_app(settings: Settings | None = None, runtime=None,
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(ServerTimingMiddleware, observe=app.state.service.metrics.observe_stage)
     endpoints = {r.path for r in router.routes}
     endpoints |= {path for r in app.routes if isinstance(path := getattr(r, "path", None), str)}
     app.add_middleware(MetricsMiddleware, metrics=app.state.service.metrics, endpoints=endpoints)
