@@ -23,6 +23,12 @@ Feature re-use: the server caches features by image content; the client remember
 ``X-Feature-Id`` it got for each image it sent (by the sha256 of the bytes and the iterations), so
 a second :meth:`LiftClient.similarity` or :meth:`LiftClient.match` on the same image sends only the
 id. If the server has evicted it (404 ``unknown_feature_id``) the client sends the image again, once.
+
+Routing behind several replicas: every request carries ``X-Lift-Route``, the content digest of its
+first image (the first 32 hex digits of the bytes' sha256, which is also how that image's feature ids
+begin), whether the image is uploaded or named by id. A balancer that hashes on it (the nginx
+configuration of ``docker-compose.scale.yml``, the Kubernetes router) sends an upload and every
+later click by id to the same replica, the one whose cache holds the features.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import io
 import itertools
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -158,6 +165,17 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+ROUTE_HEADER = "X-Lift-Route"
+_ROUTE = re.compile(r"[0-9a-f]{32}")
+
+
+def route_key(image: bytes | None = None, feature_id: str | None = None) -> str | None:
+    """The route key of an image: its feature id's first 32 hex digits, else its bytes' digest's."""
+    if feature_id:
+        return feature_id[:32] if _ROUTE.fullmatch(feature_id[:32]) else None
+    return _digest(image)[:32] if image is not None else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests and responses shared by the sync and async clients
 
@@ -172,10 +190,13 @@ class _Call:
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
     data: dict[str, str] | None = None
     reused_ids: bool = False  # a remembered feature id stands in for an image the caller gave
+    route: str | None = None  # X-Lift-Route: the content digest of the request's first image
 
     def kwargs(self) -> dict[str, Any]:
         params = {k: _param(v) for k, v in self.params.items() if v is not None}
         out: dict[str, Any] = {"params": params}
+        if self.route:
+            out["headers"] = {ROUTE_HEADER: self.route}
         if self.files:
             out["files"] = self.files
         if self.data:
@@ -361,7 +382,7 @@ class _Core:
             raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         return _Call(
             "POST", "/v1/features", {"format": "npy", "dtype": dtype, **_density_params(density)},
-            files=[_file("image", d) for d in datas],
+            files=[_file("image", d) for d in datas], route=route_key(datas[0]) if datas else None,
         )
 
     def similarity_call(
@@ -409,7 +430,10 @@ class _Core:
 
     def _attach(self, call: _Call, file_field: str, id_field: str, image: bytes | None, feature_id: str | None,
                 density: Density, reuse: bool) -> None:
-        """Add an image to ``call``: the caller's id, else a remembered id, else the bytes."""
+        """Add an image to ``call``: the caller's id, else a remembered id, else the bytes. The first
+        image added gives the call its route key."""
+        if call.route is None:
+            call.route = route_key(image, feature_id)
         if feature_id:
             call.data = {**(call.data or {}), id_field: feature_id}
             return

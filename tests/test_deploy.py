@@ -138,10 +138,16 @@ def test_scale_variant_pins_one_gpu_per_replica_behind_nginx():
     assert lb["ports"] == ["${API_BIND:-127.0.0.1}:${API_PORT:-8000}:8080"]
     assert set(lb["depends_on"]) == set(replicas)
     assert "./docker/nginx.conf:/etc/nginx/nginx.conf:ro" in lb["volumes"]
-    upstreams = re.findall(r"^\s*server (\S+):8000 (.*);", (DOCKER / "nginx.conf").read_text(), re.M)
-    assert sorted(host for host, _ in upstreams) == sorted(replicas)
-    for _, params in upstreams:  # passive health checks, and re-resolution of recreated replicas
-        assert "max_fails=" in params and "fail_timeout=" in params and "resolve" in params.split()
+    conf = (DOCKER / "nginx.conf").read_text()
+    # Two upstreams over the same replicas: by route key (consistent hash) and by load (least_conn).
+    blocks = dict(re.findall(r"upstream (\w+) \{(.*?)\n    \}", conf, re.S))
+    assert set(blocks) == {"lift_by_route", "lift_by_load"}
+    assert "hash $lift_route consistent;" in blocks["lift_by_route"] and "least_conn;" in blocks["lift_by_load"]
+    for block in blocks.values():
+        upstreams = re.findall(r"^\s*server (\S+):8000 (.*);", block, re.M)
+        assert sorted(host for host, _ in upstreams) == sorted(replicas)
+        for _, params in upstreams:  # passive health checks, and re-resolution of recreated replicas
+            assert "max_fails=" in params and "fail_timeout=" in params and "resolve" in params.split()
     assert scale["services"]["export"]["extends"] == {"file": "docker-compose.yml", "service": "export"}
 
 

@@ -11,6 +11,10 @@
 // top-left corner), the frame the API expects; the browser shows images EXIF-oriented as the server
 // does, and the size used is the server's X-Image-Size when it sent one.
 //
+// Routing: every request names its first image's content digest in X-Lift-Route (see routeKey), so
+// a balancer in front of several replicas sends the upload and every later click by id to the
+// replica whose cache holds that image's features.
+//
 // For tests and the curious: <body data-state> is idle|busy, data-latency-ms holds the last
 // click -> map-on-screen time measured with performance.now(), data-maps counts maps drawn.
 "use strict";
@@ -55,11 +59,86 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORE) || "";
 }
 
+// ---------------------------------------------------------------------------------------------
+// Route key: the first 32 hex digits of the SHA-256 of the request's first image, which is also how
+// its feature ids begin. WebCrypto computes it where the page is a secure context (https, localhost);
+// elsewhere (plain http to another host) browsers withhold crypto.subtle, so a small SHA-256 follows.
+
+const ROUTE_FIELDS = ["feature_id", "feature_id_a", "image", "image_a"];
+const digests = new WeakMap(); // File -> route key, computed once per file
+
+function sha256Hex(bytes) {
+  const k = new Uint32Array([
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2]);
+  const h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+  const length = bytes.length;
+  const padded = new Uint8Array(Math.ceil((length + 9) / 64) * 64);
+  padded.set(bytes);
+  padded[length] = 0x80;
+  const view = new DataView(padded.buffer);
+  view.setUint32(padded.length - 8, Math.floor(length / 0x20000000));
+  view.setUint32(padded.length - 4, (length << 3) >>> 0);
+  const w = new Uint32Array(64);
+  const rotr = (x, n) => (x >>> n) | (x << (32 - n));
+  for (let offset = 0; offset < padded.length; offset += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(offset + 4 * i);
+    for (let i = 16; i < 64; i++) {
+      const s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) >>> 0;
+    }
+    let [a, b, c, d, e, f, g, hh] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = (hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i]) >>> 0;
+      const t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) >>> 0;
+      [hh, g, f, e, d, c, b, a] = [g, f, e, (d + t1) >>> 0, c, b, a, (t1 + t2) >>> 0];
+    }
+    [a, b, c, d, e, f, g, hh].forEach((v, i) => { h[i] = (h[i] + v) >>> 0; });
+  }
+  return Array.from(h, (v) => v.toString(16).padStart(8, "0")).join("");
+}
+
+async function fileRouteKey(file) {
+  if (!digests.has(file)) {
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    let hex;
+    if (window.crypto && crypto.subtle) {
+      const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+      hex = Array.from(digest, (v) => v.toString(16).padStart(2, "0")).join("");
+    } else {
+      hex = sha256Hex(bytes);
+    }
+    digests.set(file, hex.slice(0, 32));
+  }
+  return digests.get(file);
+}
+
+async function routeKey(body) {
+  // The first image a request is about: its id's digest, or its file's.
+  if (!(body instanceof FormData)) return null;
+  for (const field of ROUTE_FIELDS) {
+    const value = body.get(field);
+    if (typeof value === "string" && /^[0-9a-f]{32}-/.test(value)) return value.slice(0, 32);
+    if (value instanceof Blob) return fileRouteKey(value);
+  }
+  return null;
+}
+
 async function api(path, options = {}, askedForKey = false) {
   let response;
   const headers = new Headers(options.headers || {});
   const key = apiKey();
   if (key) headers.set("Authorization", `Bearer ${key}`);
+  const route = await routeKey(options.body);
+  if (route) headers.set("X-Lift-Route", route);
   try {
     response = await fetch(path, { ...options, headers });
   } catch (err) {
