@@ -97,8 +97,14 @@ def runtime_options(settings: Settings) -> dict:
     if settings.runtime == "triton":
         return {"url": settings.triton_url, "model_prefix": settings.triton_model_prefix,
                 "timeout_s": settings.request_timeout_s}
+    from lift_serve.service.ort_options import GpuOptions
+
+    gpu = GpuOptions(max_batch_size=settings.effective_batch_size, trt_fp16=settings.trt_fp16,
+                     trt_engine_cache_dir=settings.trt_engine_cache_dir,
+                     trt_max_workspace_bytes=settings.trt_max_workspace_bytes, trt_profiles=settings.trt_profiles,
+                     cudnn_conv_algo_search=settings.cudnn_conv_algo_search, cuda_device_id=settings.cuda_device_id)
     return {"providers": settings.provider_list, "intra_op_threads": settings.intra_op_threads,
-            "inter_op_threads": settings.inter_op_threads}
+            "inter_op_threads": settings.inter_op_threads, "gpu_options": gpu, "warmup_mode": settings.warmup}
 
 
 def check_required_provider(required: str, active: list[str]) -> None:

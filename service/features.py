@@ -102,6 +102,10 @@ class FeatureService:
     def _embed_and_upsample(self, images: np.ndarray, iterations: int) -> tuple[np.ndarray, ...]:
         """(backbone features, features at ``iterations``); just the first at density 0, so that a
         batch's rows are not copied twice."""
+        chain = getattr(self.runtime, "embed_and_upsample", None)
+        if (iterations and chain is not None and getattr(self.runtime, "io_device", None) is not None
+                and len(images) <= self._rows_per_call(images, iterations)):
+            return chain(images, iterations)  # one chain on the device (I/O binding): one copy out of each
         coarse = self.runtime.embed(images)
         return (coarse, self._upsample_rows(images, coarse, iterations)) if iterations else (coarse,)
 
@@ -113,8 +117,7 @@ class FeatureService:
         """The upsampler on a batch, a few rows a call when a row's output is large
         (:data:`UPSAMPLE_CHUNK_BYTES`); the rows land in one preallocated array."""
         h, w = self.runtime.feature_size(images.shape[1], images.shape[2], iterations)
-        row_bytes = self.runtime.channels * h * w * self.feature_dtype.itemsize
-        per_call = max(1, UPSAMPLE_CHUNK_BYTES // row_bytes)
+        per_call = self._rows_per_call(images, iterations)
         if len(images) <= per_call:
             return self.runtime.upsample(images, coarse, iterations)
         out = np.empty((len(images), self.runtime.channels, h, w), self.feature_dtype)
@@ -122,6 +125,10 @@ class FeatureService:
             stop = start + per_call
             out[start:stop] = self.runtime.upsample(images[start:stop], coarse[start:stop], iterations)
         return out
+
+    def _rows_per_call(self, images: np.ndarray, iterations: int) -> int:
+        h, w = self.runtime.feature_size(images.shape[1], images.shape[2], iterations)
+        return max(1, UPSAMPLE_CHUNK_BYTES // (self.runtime.channels * h * w * self.feature_dtype.itemsize))
 
     # -- budgets -------------------------------------------------------------------------------------
     @dataclasses.dataclass(frozen=True)

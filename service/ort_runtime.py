@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from lift_serve.bundle import BundleError, GraphFile, Manifest, read_manifest
+from lift_serve.service.ort_options import CUDA, TENSORRT, GpuOptions, session_providers, warmup_batch_sizes
+from lift_serve.service.runtime_base import ManifestRuntime
 
 logger = logging.getLogger("lift.runtime")
 
@@ -99,7 +101,7 @@ def resolve_providers(requested, available: list[str]) -> list[str]:
     return chosen
 
 
-class BundleRuntime:
+class BundleRuntime(ManifestRuntime):
     """A loaded, validated and warmed-up format-2 bundle on ONNX Runtime.
 
     Args:
@@ -109,7 +111,14 @@ class BundleRuntime:
             are skipped with a log line; CPU is always the final fallback.
         intra_op_threads, inter_op_threads: ORT thread pools; 0 lets ORT decide (one per core).
         graph_optimization: ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
-        warmup: run every graph once at every supported size (batch 1) before returning.
+        warmup: run every graph at every supported size before returning (a GPU also pays per batch
+            size: see ``warmup_mode``).
+        gpu_options: :class:`~lift_serve.service.ort_options.GpuOptions`, the TensorRT and CUDA
+            providers' options (fp16, engine cache, shape profiles, cuDNN search); None = defaults.
+        warmup_mode: batch sizes the warm-up runs: ``auto`` (every batch the batcher can form,
+            1 .. ``gpu_options.max_batch_size``, on a GPU provider; batch 1 on the CPU), ``all``, ``one``.
+        io_binding: run backbone + upsampler as one chain whose intermediates stay on the device
+            (ONNX Runtime I/O binding), copied to the host once; None = on a GPU provider only.
 
     Attributes:
         manifest: the validated :class:`~lift_serve.bundle.Manifest`.
@@ -126,30 +135,28 @@ class BundleRuntime:
     """
 
     def __init__(self, bundle_dir, providers=("cuda", "cpu"), intra_op_threads=0, inter_op_threads=0,
-                 graph_optimization="all", warmup=True):
+                 graph_optimization="all", warmup=True, gpu_options: GpuOptions | None = None,
+                 warmup_mode: str = "auto", io_binding: bool | None = None):
         ort = _import_onnxruntime()
         self.bundle_dir = Path(bundle_dir)
-        self.manifest: Manifest = read_manifest(self.bundle_dir)
-        m = self.manifest
-        self.sizes = [(int(h), int(w)) for h, w in m.input.sizes]
-        self.iterations = sorted(m.iterations)
-        self.default_iterations = m.default_iterations
-        self.channels = m.output.channels
-        self.patch_size = m.backbone.patch_size
-        self.demo = m.demo
-        self.output_dtype = m.output.dtype
-        self.feature_dtype = np.dtype(np.float16 if self.output_dtype == "float16" else np.float32)
+        self._adopt(read_manifest(self.bundle_dir))
+        m: Manifest = self.manifest
+        self.gpu_options = gpu_options or GpuOptions()
         options = _session_options(ort, intra_op_threads, inter_op_threads, graph_optimization)
         wanted = resolve_providers(providers, ort.get_available_providers())
-        self._sessions = {role: self._open_session(ort, role, graph, options, wanted)
+        self._sessions = {role: self._open_session(ort, role, graph, options,
+                                                   session_providers(wanted, role, m, self.gpu_options))
                           for role, graph in m.graph_files().items()}
         self.active_providers = list(self._sessions["backbone"].get_providers())
         self._log_providers(wanted)
+        on_gpu = self.active_providers[0] in (TENSORRT, CUDA)
+        self.io_device = ("cuda" if on_gpu else "cpu") if (on_gpu if io_binding is None else io_binding) else None
+        self.warmup_batch_sizes = warmup_batch_sizes(self.active_providers[0], self.gpu_options, warmup_mode)
         if warmup:
-            self.warmup()
+            self.warmup(self.warmup_batch_sizes)
 
     # -- loading ---------------------------------------------------------------------------
-    def _open_session(self, ort, role: str, graph: GraphFile, options, wanted: list[str]):
+    def _open_session(self, ort, role: str, graph: GraphFile, options, wanted: list):
         path = self.bundle_dir / graph.file
         if path.is_symlink() or (path.exists() and path.resolve().parent != self.bundle_dir.resolve()):
             raise BundleError(
@@ -182,14 +189,6 @@ class BundleRuntime:
         self._check_signature(session, role, graph, path)
         return session
 
-    def _expected_types(self, role: str) -> tuple[list[str], list[str]]:
-        model = self.output_dtype
-        return {
-            "backbone": (["uint8"], [model]),
-            "upsampler_prepare": (["uint8"], [model]),
-            "upsampler_step": ([model, model], [model, model]),
-        }[role]
-
     def _check_signature(self, session, role: str, graph: GraphFile, path: Path) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if [i.name for i in inputs] != graph.inputs:
@@ -202,7 +201,7 @@ class BundleRuntime:
                 f"{path} has outputs {[o.name for o in outputs]}, but the manifest names {graph.outputs}; "
                 "re-export the bundle"
             )
-        in_types, out_types = self._expected_types(role)
+        in_types, out_types = self.expected_types(role)
         for tensor, wanted in [*zip(inputs, in_types, strict=True), *zip(outputs, out_types, strict=True)]:
             if tensor.type != _ORT_TYPES[wanted] or len(tensor.shape) != 4:
                 raise BundleError(f"{path}: {tensor.name!r} is {tensor.type} {tensor.shape}, the manifest expects "
@@ -226,65 +225,7 @@ class BundleRuntime:
         if self.active_providers[0] == PROVIDERS["cpu"] and len(wanted) > 1:
             logger.warning("running on CPU although %s was preferred", wanted[0])
 
-    def warmup(self) -> None:
-        """Run the backbone and every offered density once at each supported size (batch 1)."""
-        for height, width in self.sizes:
-            images = np.zeros((1, height, width, 3), np.uint8)
-            try:
-                coarse = self.embed(images)
-            except Exception as exc:  # ORT raises private types, e.g. a graph exported for one size
-                raise BundleError(
-                    f"the backbone graph cannot run at {height}x{width}, a size the manifest lists "
-                    f"({type(exc).__name__}: {str(exc)[:300]}); re-export the bundle with `lift export`"
-                ) from None
-            for k in self.iterations:
-                try:
-                    features = self.upsample(images, coarse, k)
-                except Exception as exc:
-                    raise BundleError(
-                        f"the upsampler graphs cannot reach density {k} at {height}x{width}, which the manifest "
-                        f"lists ({type(exc).__name__}: {str(exc)[:300]}); re-export the bundle"
-                    ) from None
-                expected = (1, self.channels, *self.feature_size(height, width, k))
-                if features.shape != expected:
-                    raise BundleError(
-                        f"density {k} gives {features.shape} at {height}x{width}, the manifest implies "
-                        f"{expected}; re-export the bundle"
-                    )
-
-    # -- geometry ----------------------------------------------------------------------------
-    def _resolve(self, iterations: int | None) -> int:
-        k = self.default_iterations if iterations is None else iterations
-        if k not in self.iterations:
-            raise ValueError(f"LiFT iterations {k!r} not offered by this bundle; choose one of {self.iterations}")
-        return k
-
-    def stride(self, iterations: int | None = None) -> float:
-        """Input pixels per feature cell (``patch_size / 2**iterations``)."""
-        return self.manifest.stride(self._resolve(iterations))
-
-    def feature_size(self, height: int, width: int, iterations: int | None = None) -> tuple[int, int]:
-        """Feature grid ``(h, w)`` for a ``height x width`` input."""
-        stride = self.stride(iterations)
-        return int(round(height / stride)), int(round(width / stride))
-
     # -- inference ---------------------------------------------------------------------------
-    def check_images(self, images) -> np.ndarray:
-        """Validate a batch; returns it C-contiguous. Raises ValueError naming expected vs found."""
-        if not isinstance(images, np.ndarray):
-            raise ValueError(f"images must be a numpy array uint8 [B,H,W,3], found {type(images).__name__}")
-        if images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 pixels 0..255, found dtype {images.dtype}")
-        if images.ndim != 4 or images.shape[3] != 3 or images.shape[0] < 1:
-            raise ValueError(f"images must have shape [B,H,W,3] with B >= 1 (RGB), found {list(images.shape)}")
-        size = (int(images.shape[1]), int(images.shape[2]))
-        if size not in self.sizes:
-            raise ValueError(
-                f"input size {size[0]}x{size[1]} (height x width) is not supported by this bundle; "
-                f"supported: {', '.join(f'{h}x{w}' for h, w in self.sizes)}; resize first"
-            )
-        return np.ascontiguousarray(images)
-
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Backbone features ``[B, C, H/P, W/P]`` of a batch, in the bundle's precision
         (:attr:`feature_dtype`): the part worth caching."""
@@ -308,25 +249,39 @@ class BundleRuntime:
             state, features = self._sessions["upsampler_step"].run(None, {state_name: state, features_name: features})
         return features
 
-    def run(self, images: np.ndarray, iterations: int | None = None) -> np.ndarray:
-        """Dense features of a batch at density ``iterations`` (None = :attr:`default_iterations`):
-        backbone, then the upsampler. float32 ``[B, C, H/stride, W/stride]``."""
+    def embed_and_upsample(self, images: np.ndarray, iterations: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(backbone features, features at density iterations)`` of one batch, both in the bundle's
+        precision. With :attr:`io_device` set (a GPU provider), the chain runs with ONNX Runtime's I/O
+        binding: the backbone's output, the upsampler's state and every step's features stay on the
+        device, and only the two answers are copied to the host, once each."""
         k = self._resolve(iterations)
-        return self.upsample(images, self.embed(images), k).astype(np.float32, copy=False)
+        if self.io_device is None or k == 0:
+            coarse = self.embed(images)
+            return coarse, self.upsample(images, coarse, k)
+        images = self.check_images(images)
+        graphs, device = self.manifest.upsampler.graphs, self.io_device
+        backbone = self._bound(self._sessions["backbone"], {self.manifest.backbone.graph.inputs[0]: images}, device)
+        (coarse,) = backbone.get_outputs()
+        prepare = self._bound(self._sessions["upsampler_prepare"], {graphs.prepare.inputs[0]: images}, device)
+        (state,) = prepare.get_outputs()
+        features = coarse
+        state_name, features_name = graphs.step.inputs
+        for _ in range(k):
+            step = self._bound(self._sessions["upsampler_step"], {state_name: state, features_name: features}, device)
+            state, features = step.get_outputs()
+        return coarse.numpy(), features.numpy()
 
-    def describe(self) -> dict:
-        """A JSON-ready summary for ``/v1/models`` and logs."""
-        m = self.manifest
-        return {
-            "backbone": m.backbone.timm_name,
-            "upsampler": m.upsampler.kind if m.upsampler else None,
-            "demo": self.demo,
-            "sizes": [list(s) for s in self.sizes],
-            "iterations": self.iterations,
-            "default_iterations": self.default_iterations,
-            "strides": {str(k): self.stride(k) for k in self.iterations},
-            "channels": self.channels,
-            "precision": m.onnx.precision,
-            "providers": self.active_providers,
-            "parity": {"max_abs_err": m.parity.max_abs_err, "min_cosine": m.parity.min_cosine},
-        }
+    @staticmethod
+    def _bound(session, inputs: dict, device: str):
+        """Run ``session`` with its inputs (host arrays or device OrtValues) bound and its outputs left
+        on ``device``; returns the binding, whose ``get_outputs()`` are the OrtValues."""
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for output in session.get_outputs():
+            binding.bind_output(output.name, device)
+        session.run_with_iobinding(binding)
+        return binding

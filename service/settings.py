@@ -57,6 +57,19 @@ class Settings(BaseSettings):
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
     require_provider: Literal["", "cpu", "cuda", "tensorrt"] = Field(
         "", description="set: start-up fails unless ONNX Runtime really runs on this provider (no silent fallback)")
+    trt_fp16: bool = Field(True, description="TensorRT provider: fp16 kernels")
+    trt_engine_cache_dir: Path | None = Field(None, description="TensorRT provider: engine and timing caches here "
+                                              "(a volume: later starts load engines instead of building them)")
+    trt_max_workspace_bytes: int = Field(2 << 30, ge=1 << 20, description="TensorRT provider: builder workspace")
+    trt_profiles: bool = Field(True, description="TensorRT provider: explicit min/opt/max shape profiles from the "
+                               "bundle's sizes x LIFT_MAX_BATCH_SIZE (one engine for every batch)")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE", description="CUDA provider: how cuDNN picks convolution algorithms (once per shape, in the "
+        "warm-up)")
+    cuda_device_id: int = Field(0, ge=0, description="CUDA/TensorRT provider: the GPU to run on")
+    warmup: Literal["auto", "all", "one"] = Field(
+        "auto", description="start-up warm-up batch sizes: auto = every batch size the batcher can form on a GPU, "
+        "batch 1 on the CPU; all = every batch size; one = batch 1")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")
     inter_op_threads: int = Field(0, ge=0)
     max_header_bytes: int = Field(65536, ge=1024, le=1 << 20, description="largest request head (line + "

@@ -298,3 +298,104 @@ def test_lift_serve_with_a_required_provider_it_cannot_have_exits_naming_it(tiny
     monkeypatch.setenv("LIFT_PORT", "0")
     assert cli.main(["serve", "--bundle", str(tiny_bundle), "--log-level", "warning"]) == 2
     assert "LIFT_REQUIRE_PROVIDER=cuda, but ONNX Runtime runs on CPUExecutionProvider" in capsys.readouterr().err
+
+
+class _OrtAsIfOnTensorRT:
+    """onnxruntime as a GPU build would look to the runtime: TensorRT and CUDA listed and reported
+    active, while every session really runs on the CPU. Records what each session was given and the
+    batch size of every backbone and step call."""
+
+    def __init__(self):
+        import onnxruntime
+
+        self._ort = onnxruntime
+        self.created: list[list] = []
+        self.batches: dict[str, list[int]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._ort, name)
+
+    def get_available_providers(self):
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def InferenceSession(self, data, sess_options=None, providers=None):  # noqa: N802 - ORT's name
+        self.created.append(providers)
+        real = self._ort.InferenceSession(data, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        outer = self
+
+        class Session:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def get_providers(self):
+                return [name for name, _ in providers]
+
+            def get_provider_options(self):
+                return dict(providers)
+
+            def run(self, names, feeds):
+                first = real.get_inputs()[0].name
+                graph = ",".join(o.name for o in real.get_outputs())
+                outer.batches.setdefault(graph, []).append(int(feeds[first].shape[0]))
+                return real.run(names, feeds)
+
+        return Session()
+
+
+def test_tensorrt_and_cuda_options_reach_every_session_and_warmup_covers_every_batch(tiny_bundle, monkeypatch,
+                                                                                       tmp_path):
+    from lift_serve.service import ort_runtime
+    from lift_serve.service.ort_options import GpuOptions
+
+    fake = _OrtAsIfOnTensorRT()
+    monkeypatch.setattr(ort_runtime, "_import_onnxruntime", lambda: fake)
+    options = GpuOptions(max_batch_size=3, trt_engine_cache_dir=tmp_path / "trt", cudnn_conv_algo_search="HEURISTIC")
+    runtime = BundleRuntime(tiny_bundle, providers="tensorrt,cuda,cpu", gpu_options=options, io_binding=False)
+    assert runtime.active_providers[0] == "TensorrtExecutionProvider"
+    by_role = dict(zip(read_manifest(tiny_bundle).graph_files(), fake.created, strict=True))
+    for role, providers in by_role.items():
+        assert [name for name, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                   "CPUExecutionProvider"]
+        trt, cuda = providers[0][1], providers[1][1]
+        assert trt["trt_fp16_enable"] == "1" and trt["trt_engine_cache_enable"] == "1"
+        assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == str(tmp_path / "trt")
+        assert cuda == {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "cudnn_conv_use_max_workspace": "1"}
+        if role == "upsampler_step":  # its inputs' shapes are the upsampler's own: no explicit profile
+            assert not any(key.startswith("trt_profile") for key in trt)
+        else:  # one engine for batch 1 at the smallest size .. batch 3 at the largest (sizes 64x64, 64x96)
+            name = read_manifest(tiny_bundle).graph_files()[role].inputs[0]
+            assert (trt["trt_profile_min_shapes"], trt["trt_profile_opt_shapes"], trt["trt_profile_max_shapes"]) == (
+                f"{name}:1x64x64x3", f"{name}:3x64x64x3", f"{name}:3x64x96x3")
+    # The warm-up ran every batch size the batcher can form (1..3) at both sizes, backbone and steps.
+    assert runtime.warmup_batch_sizes == [1, 2, 3]
+    graphs = read_manifest(tiny_bundle).graph_files()
+    for role in ("backbone", "upsampler_step"):  # the tiny bundle offers densities 0 and 1: one step each
+        assert sorted(fake.batches[",".join(graphs[role].outputs)]) == [1, 1, 2, 2, 3, 3], role
+
+
+def test_cpu_warms_batch_1_and_the_io_bound_chain_equals_the_plain_one(tiny_bundle):
+    runtime = BundleRuntime(tiny_bundle, providers="cpu", io_binding=True)
+    assert runtime.warmup_batch_sizes == [1] and runtime.io_device == "cpu"
+    images = np.random.default_rng(3).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    coarse, features = runtime.embed_and_upsample(images, 1)
+    np.testing.assert_array_equal(coarse, runtime.embed(images))
+    np.testing.assert_array_equal(features, runtime.upsample(images, runtime.embed(images), 1))
+    assert BundleRuntime(tiny_bundle, providers="cpu", warmup=False).io_device is None  # off on the CPU by default
+
+
+def test_lift_trt_settings_become_the_runtimes_gpu_options(tiny_bundle, monkeypatch, tmp_path):
+    from lift_serve.service.app import runtime_options
+    from lift_serve.service.settings import Settings
+
+    for name, value in {"LIFT_TRT_FP16": "false", "LIFT_TRT_ENGINE_CACHE_DIR": str(tmp_path),
+                        "LIFT_TRT_PROFILES": "false", "LIFT_CUDNN_CONV_ALGO_SEARCH": "DEFAULT",
+                        "LIFT_MAX_BATCH_SIZE": "16", "LIFT_WARMUP": "all", "LIFT_CUDA_DEVICE_ID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    options = runtime_options(Settings(bundle=tiny_bundle))
+    gpu = options["gpu_options"]
+    assert (gpu.trt_fp16, gpu.trt_engine_cache_dir, gpu.trt_profiles, gpu.cudnn_conv_algo_search,
+            gpu.max_batch_size, gpu.cuda_device_id) == (False, tmp_path, False, "DEFAULT", 16, 1)
+    assert options["warmup_mode"] == "all"
+    monkeypatch.setenv("LIFT_CUDNN_CONV_ALGO_SEARCH", "FASTEST")
+    with pytest.raises(ValueError, match="cudnn_conv_algo_search"):
+        Settings(bundle=tiny_bundle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import numpy as np
@@ -367,3 +368,22 @@ def test_a_jpeg_decodes_at_the_smallest_scale_the_model_input_needs(orientation)
     png = io.BytesIO()
     picture.save(png, "PNG")
     assert decode_image(png.getvalue(), 40_000_000, at_least=(10, 10)).size == (1024, 768)  # JPEG only
+
+
+def test_a_click_on_a_draft_decoded_jpeg_maps_to_the_cell_of_the_full_image(client):
+    """A 1600x1200 JPEG decodes at 1/8 scale (200x150, still above the 96x64 model input), yet the click
+    maps through the header's geometry: the query cell is the full image's, and the map peaks there."""
+    from lift_serve.service.codec import decode_image
+
+    pixels = np.full((1200, 1600, 3), 40, np.uint8)
+    pixels[600:900, 1000:1400] = 255  # a bright block: rows 4..5, cols 7..10 of the 8x12 grid at stride 8
+    data = encode(pixels, "JPEG", quality=95)
+    assert decode_image(data, 40_000_000, at_least=(96, 64)).size == (200, 150)  # the draft path
+    x, y = 1200.0, 750.0
+    r = client.post(f"/v1/similarity?x={x}&y={y}&format=npy", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    row, col = int(y * 64 / 1200 // 8), int(x * 96 / 1600 // 8)
+    assert r.headers["x-query-cell"] == f"row={row},col={col}" and r.headers["x-input-size"] == "96x64"
+    sim = np.load(io.BytesIO(r.content))
+    peak = np.unravel_index(int(np.argmax(sim)), sim.shape)
+    assert 4 <= peak[0] <= 5 and 7 <= peak[1] <= 10
