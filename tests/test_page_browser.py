@@ -14,6 +14,7 @@ is skipped with the reason (``scripts/test.sh`` installs it when run as root, as
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
@@ -301,6 +302,15 @@ def test_click_a_point_page(server_url, browser, tmp_path):
     assert "(best)" in driver.find_element("id", "match-legend-high").text
     assert driver.execute_script("return scoreColour(1, 0, 1)") == "rgb(255, 240, 40)"
     assert driver.execute_script("return scoreColour(0, 0, 1)") == "rgb(20, 12, 80)"
+    # The route key the page sends (X-Lift-Route): its own SHA-256 (for plain http, where browsers
+    # withhold WebCrypto) equals WebCrypto's and Python's; an id's key is its digest part.
+    data = bytes(range(256)) * 3 + b"lift"
+    keys = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1], bytes = new Uint8Array(arguments[0]);"
+        "(async () => { const form = new FormData(); form.append('feature_id', arguments[1]);"
+        "  done([await fileRouteKey(new File([bytes], 'x.bin')), sha256Hex(bytes).slice(0, 32), await routeKey(form)]);"
+        "})();", list(data), fid_a)
+    assert keys == [hashlib.sha256(data).hexdigest()[:32]] * 2 + [fid_a[:32]]
     # The score of the match under the pointer (a pointer event at one match's end).
     driver.execute_script(
         "const c = document.getElementById('match-canvas'), r = c.getBoundingClientRect();"
