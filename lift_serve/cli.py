@@ -34,6 +34,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "soak": "lift_serve.bench.soak_bench",
         "extract": "lift_serve.bench.extract_bench",
         "train": "lift_serve.training.bench_cli",
+        "gpu": "lift_serve.bench.gpu_bench",
     },
 }
 
