@@ -9,6 +9,7 @@
 # TARGET   extra     image
 # export   train     the export/train job: CUDA PyTorch (the PyPI torch wheel, CUDA 13), timm, onnx
 # api      gpu       the HTTP service on an NVIDIA GPU: onnxruntime-gpu, no torch
+# api-trt  gpu,tensorrt  the same plus TensorRT 10's libraries for the TensorRT provider
 # api-cpu  serve     the HTTP service on CPU: onnxruntime, no torch (laptops, CI)
 #
 # Versions come from docker/constraints.txt (regenerate with `python docker/lock.py`). The project
@@ -20,7 +21,7 @@ root="$(dirname "$here")"
 PYTHON="${PYTHON:-python3}"
 
 usage() {
-    echo "usage: $0 TARGET VENV | $0 --dry-run TARGET   (TARGET: export, api or api-cpu)" >&2
+    echo "usage: $0 TARGET VENV | $0 --dry-run TARGET   (TARGET: export, api, api-trt or api-cpu)" >&2
     exit 2
 }
 
@@ -33,6 +34,7 @@ target="${1:-}"
 case "$target" in
     export) extra=train ;;
     api) extra=gpu ;;
+    api-trt) extra=gpu,tensorrt ;;
     api-cpu) extra=serve ;;
     *) usage ;;
 esac
@@ -58,6 +60,11 @@ echo "installing lift-serve[$extra] into $venv for the $target image"
 # PIP_CONSTRAINT (rather than --constraint) also pins the build backend that pip fetches into its
 # isolated build environment to build lift-serve itself. pip's cache stays on: the Dockerfile
 # mounts it as a build cache outside the image layers (set PIP_NO_CACHE_DIR=1 to turn it off).
+# api-trt: tensorrt-cu13-libs on PyPI is a stub that fetches the real wheel from NVIDIA's index.
+extra_index=()
+if [ "$target" = api-trt ]; then
+    extra_index=(--extra-index-url https://pypi.nvidia.com)
+fi
 PIP_CONSTRAINT="$here/constraints.txt" \
-    "$venv/bin/python" -m pip install --quiet "${root}[${extra}]"
+    "$venv/bin/python" -m pip install --quiet "${extra_index[@]}" "${root}[${extra}]"
 "$venv/bin/python" "$here/verify_install.py" "$target"

@@ -8,6 +8,9 @@ Usage (from the repository root, with network access to the package index)::
 pip resolves each image's extra (``train`` for the export image, ``gpu`` for the api image,
 ``serve`` for the CPU api image) as if into an empty environment (``pip install --dry-run
 --ignore-installed --report``), and the union of the results is written as one constraints file.
+The ``tensorrt`` extra (an api image built WITH_TENSORRT=true) is pinned exactly in pyproject.toml
+instead: PyPI's tensorrt-cu13-libs is a stub that fetches the real wheel from pypi.nvidia.com at
+install time, so it resolves only where that index is reachable (an image build), not here.
 One file serves all three images because the extras share their common packages (numpy, pillow,
 ...) and a package pinned but not needed by an image is simply not installed there.
 The resolution runs on the interpreter that runs this script; the images use Python 3.12 and CI

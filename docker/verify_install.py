@@ -27,6 +27,8 @@ RULES = {
     "export": ({"torch", "timm", "onnx", "onnxscript", "onnxruntime", "safetensors"}, {"onnxruntime-gpu"}),
     "api": ({"onnxruntime-gpu", "fastapi", "uvicorn", "pydantic-settings", "prometheus-client"},
             TORCH_SIDE | {"onnxruntime"}),
+    "api-trt": ({"onnxruntime-gpu", "tensorrt-cu13-libs", "fastapi", "uvicorn", "pydantic-settings",
+                 "prometheus-client"}, TORCH_SIDE | {"onnxruntime"}),
     "api-cpu": ({"onnxruntime", "fastapi", "uvicorn", "pydantic-settings", "prometheus-client"},
                 TORCH_SIDE | {"onnxruntime-gpu"}),
 }
@@ -75,7 +77,7 @@ def check_runtime(target: str) -> list[str]:
         providers = onnxruntime.get_available_providers()
         # Lists what the wheel was built with, so this holds without a GPU; the CUDA libraries
         # themselves are only loaded when a session asks for the provider.
-        if target == "api" and "CUDAExecutionProvider" not in providers:
+        if target in ("api", "api-trt") and "CUDAExecutionProvider" not in providers:
             raise VerifyError(f"onnxruntime-gpu offers no CUDAExecutionProvider (has {providers})")
         lines.append(f"onnxruntime {onnxruntime.__version__}, providers {providers}")
     return lines

@@ -22,7 +22,8 @@ DEMO_SIZES = ((224, 224), (448, 448))
 DEMO_LIFT_SEED = 0
 
 
-def _is_current_demo(out_dir: Path, sizes=DEMO_SIZES) -> bool:
+def _is_current_demo(out_dir: Path, sizes=None) -> bool:
+    sizes = DEMO_SIZES if sizes is None else sizes
     try:
         manifest = read_manifest(out_dir)
     except BundleError:
@@ -49,7 +50,7 @@ def demo_modules() -> tuple[ViTBackbone, LiFT]:
     return backbone, lift
 
 
-def export_demo_bundle(out_dir: str | Path, sizes=DEMO_SIZES) -> Path:
+def export_demo_bundle(out_dir: str | Path, sizes=None) -> Path:
     """A demo bundle for trying the service without trained weights (``lift serve --demo``).
 
     Full-depth ViT-S/16 (``vit_small_patch16_224``, random weights, seed 0, key facet of the last
@@ -61,6 +62,7 @@ def export_demo_bundle(out_dir: str | Path, sizes=DEMO_SIZES) -> Path:
     from lift_serve.model import export
 
     out_dir = Path(out_dir)
+    sizes = DEMO_SIZES if sizes is None else sizes  # read at call time (tests change DEMO_SIZES)
     if _is_current_demo(out_dir, sizes):
         logger.info("reusing demo bundle at %s", out_dir)
         return out_dir

@@ -96,7 +96,7 @@ def runtime_options(settings: Settings) -> dict:
     """The constructor options of the runtime ``settings.runtime`` names, from the settings."""
     if settings.runtime == "triton":
         return {"url": settings.triton_url, "model_prefix": settings.triton_model_prefix,
-                "timeout_s": settings.request_timeout_s}
+                "timeout_s": settings.request_timeout_s, "startup_timeout_s": settings.triton_startup_timeout_s}
     from lift_serve.service.ort_options import GpuOptions
 
     gpu = GpuOptions(max_batch_size=settings.effective_batch_size, trt_fp16=settings.trt_fp16,
@@ -114,6 +114,12 @@ def check_required_provider(required: str, active: list[str]) -> None:
         return
     from lift_serve.service.ort_runtime import PROVIDERS
 
+    if active and active[0] == "triton":
+        raise ConfigError(
+            f"LIFT_REQUIRE_PROVIDER={required} is for ONNX Runtime in this process, but LIFT_RUNTIME=triton runs "
+            "the graphs in a Triton server, which chooses its own devices (instance_group in its config.pbtxt): "
+            "unset LIFT_REQUIRE_PROVIDER"
+        )
     if not active or active[0] != PROVIDERS[required]:
         raise ConfigError(
             f"LIFT_REQUIRE_PROVIDER={required}, but ONNX Runtime runs on {active[0] if active else 'nothing'} "
@@ -186,6 +192,19 @@ class MetricsMiddleware:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
+def _install_engine_errors(app: FastAPI) -> None:
+    """An inference server that fails while serving (LIFT_RUNTIME=triton): 503 + Retry-After to the
+    client, without its address or its own text (those go to the log, for the operator)."""
+    from lift_serve.service.errors import error_response
+    from lift_serve.service.triton_runtime import TritonError
+
+    @app.exception_handler(TritonError)
+    async def _engine_error(_request, exc: TritonError):
+        logger.warning("inference server error: %s", exc.message)
+        return error_response(503, exc.code, "the inference server did not answer this request; retry in a few "
+                              "seconds (the operator finds the reason in the service's log)", {"Retry-After": "5"})
+
+
 def create_app(settings: Settings | None = None, runtime=None,
                demo_exporter: Callable[[Path], Path] | None = None,
                bundle_source: Callable[[], Path] | None = None) -> FastAPI:
@@ -224,6 +243,7 @@ def create_app(settings: Settings | None = None, runtime=None,
     app.state.service = ServiceState(settings, runtime, demo_exporter, bundle_source)
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app, domain_errors={PredictionError: 422, ImageError: None})
+    _install_engine_errors(app)
     app.include_router(router)
     install_docs(app)
     if STATIC_DIR.is_dir():

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
                             "for LIFT_RUNTIME=triton")
     triton_model_prefix: str = Field("lift", description="prefix of the model names in the Triton repository "
                                      "(`lift export --format triton --model-prefix`)")
+    triton_startup_timeout_s: float = Field(60.0, gt=0, le=3600, description="how long the start waits for the "
+                                            "Triton server and its models to be ready")
     providers: str = Field("cuda,cpu", description="ONNX Runtime providers in preference order")
     require_provider: Literal["", "cpu", "cuda", "tensorrt"] = Field(
         "", description="set: start-up fails unless ONNX Runtime really runs on this provider (no silent fallback)")
