@@ -104,7 +104,8 @@ def runtime_options(settings: Settings) -> dict:
                      trt_max_workspace_bytes=settings.trt_max_workspace_bytes, trt_profiles=settings.trt_profiles,
                      cudnn_conv_algo_search=settings.cudnn_conv_algo_search, cuda_device_id=settings.cuda_device_id)
     return {"providers": settings.provider_list, "intra_op_threads": settings.intra_op_threads,
-            "inter_op_threads": settings.inter_op_threads, "gpu_options": gpu, "warmup_mode": settings.warmup}
+            "inter_op_threads": settings.inter_op_threads, "gpu_options": gpu, "warmup_mode": settings.warmup,
+            "spinning": settings.ort_spinning}
 
 
 def check_required_provider(required: str, active: list[str]) -> None:

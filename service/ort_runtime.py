@@ -51,7 +51,8 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def _session_options(ort, intra_op_threads: int, inter_op_threads: int, graph_optimization: str):
+def _session_options(ort, intra_op_threads: int, inter_op_threads: int, graph_optimization: str,
+                     spinning: bool = False):
     if graph_optimization not in GRAPH_OPTIMIZATIONS:
         raise BundleError(f"graph_optimization must be one of {GRAPH_OPTIMIZATIONS}, got {graph_optimization!r}")
     for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
@@ -68,6 +69,12 @@ def _session_options(ort, intra_op_threads: int, inter_op_threads: int, graph_op
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3  # ORT's own warnings (e.g. unused initialisers) are noise here
+    # ORT's pool threads spin between parallel sections by default. In a server they spin against
+    # the event loop, the decoders and anything else on the host: measured on a 2-core VM, the same
+    # graphs ran 1.56x faster at batch 1 and 1.1-1.25x at batch 8 with spinning off.
+    value = "1" if spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", value)
+    options.add_session_config_entry("session.inter_op.allow_spinning", value)
     return options
 
 
@@ -117,6 +124,8 @@ class BundleRuntime(ManifestRuntime):
             providers' options (fp16, engine cache, shape profiles, cuDNN search); None = defaults.
         warmup_mode: batch sizes the warm-up runs: ``auto`` (every batch the batcher can form,
             1 .. ``gpu_options.max_batch_size``, on a GPU provider; batch 1 on the CPU), ``all``, ``one``.
+        spinning: let ONNX Runtime's pool threads spin while they wait for work (its own default;
+            off here, see ``_session_options``).
         io_binding: run backbone + upsampler as one chain whose intermediates stay on the device
             (ONNX Runtime I/O binding), copied to the host once; None = on a GPU provider only.
 
@@ -136,13 +145,13 @@ class BundleRuntime(ManifestRuntime):
 
     def __init__(self, bundle_dir, providers=("cuda", "cpu"), intra_op_threads=0, inter_op_threads=0,
                  graph_optimization="all", warmup=True, gpu_options: GpuOptions | None = None,
-                 warmup_mode: str = "auto", io_binding: bool | None = None):
+                 warmup_mode: str = "auto", io_binding: bool | None = None, spinning: bool = False):
         ort = _import_onnxruntime()
         self.bundle_dir = Path(bundle_dir)
         self._adopt(read_manifest(self.bundle_dir))
         m: Manifest = self.manifest
         self.gpu_options = gpu_options or GpuOptions()
-        options = _session_options(ort, intra_op_threads, inter_op_threads, graph_optimization)
+        options = _session_options(ort, intra_op_threads, inter_op_threads, graph_optimization, spinning)
         wanted = resolve_providers(providers, ort.get_available_providers())
         self._sessions = {role: self._open_session(ort, role, graph, options,
                                                    session_providers(wanted, role, m, self.gpu_options))

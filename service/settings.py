@@ -74,6 +74,8 @@ class Settings(BaseSettings):
         "batch 1 on the CPU; all = every batch size; one = batch 1")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default (one per core)")
     inter_op_threads: int = Field(0, ge=0)
+    ort_spinning: bool = Field(False, description="let ONNX Runtime's threads spin while waiting for work (its "
+                               "default; off here: on a shared host they spin against the server's own threads)")
     max_header_bytes: int = Field(65536, ge=1024, le=1 << 20, description="largest request head (line + "
                                   "headers); beyond it the connection is refused")
     max_connections: int = Field(512, ge=1, description="connections and requests at once; beyond it new "

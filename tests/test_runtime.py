@@ -389,13 +389,21 @@ def test_lift_trt_settings_become_the_runtimes_gpu_options(tiny_bundle, monkeypa
 
     for name, value in {"LIFT_TRT_FP16": "false", "LIFT_TRT_ENGINE_CACHE_DIR": str(tmp_path),
                         "LIFT_TRT_PROFILES": "false", "LIFT_CUDNN_CONV_ALGO_SEARCH": "DEFAULT",
-                        "LIFT_MAX_BATCH_SIZE": "16", "LIFT_WARMUP": "all", "LIFT_CUDA_DEVICE_ID": "1"}.items():
+                        "LIFT_MAX_BATCH_SIZE": "16", "LIFT_WARMUP": "all", "LIFT_CUDA_DEVICE_ID": "1",
+                        "LIFT_ORT_SPINNING": "true"}.items():
         monkeypatch.setenv(name, value)
     options = runtime_options(Settings(bundle=tiny_bundle))
     gpu = options["gpu_options"]
     assert (gpu.trt_fp16, gpu.trt_engine_cache_dir, gpu.trt_profiles, gpu.cudnn_conv_algo_search,
             gpu.max_batch_size, gpu.cuda_device_id) == (False, tmp_path, False, "DEFAULT", 16, 1)
-    assert options["warmup_mode"] == "all"
+    assert options["warmup_mode"] == "all" and options["spinning"] is True
+    # ONNX Runtime's threads sleep rather than spin unless asked (they would compete with the server's).
+    import onnxruntime
+    from lift_serve.service.ort_runtime import _session_options
+
+    for spinning, value in ((False, "0"), (True, "1")):
+        made = _session_options(onnxruntime, 0, 0, "all", spinning)
+        assert made.get_session_config_entry("session.intra_op.allow_spinning") == value
     monkeypatch.setenv("LIFT_CUDNN_CONV_ALGO_SEARCH", "FASTEST")
     with pytest.raises(ValueError, match="cudnn_conv_algo_search"):
         Settings(bundle=tiny_bundle)
