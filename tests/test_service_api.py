@@ -323,7 +323,8 @@ def test_another_density_of_a_known_image_runs_only_the_upsampler(tiny_bundle, r
         assert _npy(r).shape == (8, 8) and r.headers["x-feature-id"] == id0.replace("-k0-", "-k1-")
         assert (pipeline.batcher.images_run, pipeline.upsampler.images_run) == (backbone_runs, 1)
         r1 = client.post("/v1/features?iterations=1", files={"image": ("a.png", data)})
-        pixels = pipeline.cache.get(id0.replace("-k0-", "-"), count=False).pixels  # the cached embedding's
+        embedding = pipeline.cache.get(id0.replace("-k0-", "-"), count=False)
+        pixels = pipeline._model_input(embedding.image_bytes, embedding.geometry)  # what the upsampler was given
         np.testing.assert_array_equal(_npy(r1), runtime.run(pixels[None], 1)[0])
         assert (pipeline.batcher.images_run, pipeline.upsampler.images_run) == (backbone_runs, 1)  # cached
         id1 = r1.headers["x-feature-id"]
