@@ -242,15 +242,7 @@ class BundleRuntime(ManifestRuntime):
         (features,) = self._sessions["backbone"].run(None, {self.manifest.backbone.graph.inputs[0]: images})
         return features
 
-    def upsample(self, images: np.ndarray, coarse: np.ndarray, iterations: int | None = None) -> np.ndarray:
-        """Features at density ``iterations`` from backbone features ``coarse`` of ``images``:
-        ``prepare`` once, then ``step`` k times (no backbone pass). ``[B, C, h, w]`` in the bundle's
-        precision (:attr:`feature_dtype`)."""
-        k = self._resolve(iterations)
-        features = np.ascontiguousarray(coarse, dtype=self.feature_dtype)
-        if k == 0:
-            return features
-        images = self.check_images(images)
+    def _steps(self, images: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
         graphs = self.manifest.upsampler.graphs
         (state,) = self._sessions["upsampler_prepare"].run(None, {graphs.prepare.inputs[0]: images})
         state_name, features_name = graphs.step.inputs

@@ -90,6 +90,17 @@ class ManifestRuntime:
         raise NotImplementedError
 
     def upsample(self, images: np.ndarray, coarse: np.ndarray, iterations: int | None = None) -> np.ndarray:
+        """Features at density ``iterations`` from backbone features ``coarse`` of ``images``:
+        ``prepare`` once, then ``step`` k times (no backbone pass). ``[B, C, h, w]`` in the bundle's
+        precision (:attr:`feature_dtype`)."""
+        k = self._resolve(iterations)
+        features = np.ascontiguousarray(coarse, dtype=self.feature_dtype)
+        if k == 0:
+            return features
+        return self._steps(self.check_images(images), features, k)
+
+    def _steps(self, images: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
+        """The engine's part of :meth:`upsample`: ``prepare`` on ``images``, then ``k`` steps."""
         raise NotImplementedError
 
     def run(self, images: np.ndarray, iterations: int | None = None) -> np.ndarray:

@@ -373,14 +373,8 @@ class TritonRuntime(ManifestRuntime):
                  for part in self._parts(len(images))]
         return self._as_features(parts)
 
-    def upsample(self, images: np.ndarray, coarse: np.ndarray, iterations: int | None = None) -> np.ndarray:
-        """Features at density ``iterations`` from backbone features ``coarse`` of ``images``:
-        ``prepare`` once, then ``step`` k times, each a Triton request (no backbone pass)."""
-        k = self._resolve(iterations)
-        features = np.ascontiguousarray(coarse, dtype=self.feature_dtype)
-        if k == 0:
-            return features
-        images = self.check_images(images)
+    def _steps(self, images: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
+        # prepare, then each step, one Triton request each (per part of at most max_batch_size)
         graphs = self.manifest.upsampler.graphs
         state_name, features_name = graphs.step.inputs
         parts = []
