@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from lift_serve.bundle import MANIFEST_NAME, BundleError, GraphFile, Manifest, read_manifest
+from lift_serve.bundle.publish import replace_directory
 from lift_serve.triton_repo.layout import (
     CONFIG_TYPES,
     MODEL_FILE,
@@ -283,16 +284,9 @@ def _validate(text: str, where: str) -> None:
 
 def _publish(tmp_dir: Path, out_dir: Path) -> None:
     """Move the finished repository into place; an earlier repository there is replaced, anything else kept."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / REPOSITORY_INFO).is_file()):
-            raise RepositoryError(f"{out_dir} exists and is not a repository written by `lift export --format "
-                                  "triton`; choose another --out or remove it first")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.replace(old / "repository")
-        tmp_dir.replace(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp_dir.replace(out_dir)
+    replace_directory(tmp_dir, out_dir, REPOSITORY_INFO, lambda: RepositoryError(
+        f"{out_dir} exists and is not a repository written by `lift export --format triton`; choose another "
+        "--out or remove it first"))
 
 
 def write_repository(bundle_dir: str | Path, out_dir: str | Path, options: TritonOptions = TritonOptions()) -> Path:
