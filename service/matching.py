@@ -95,6 +95,25 @@ def mutual_matches(
     ]
 
 
+CONTRACT_CHANNELS = 32  # channels widened to float32 at a time by channel_contract
+
+
+def channel_contract(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """``weights [..., C]`` times ``features [C, ...]`` summed over C, in float32. float16 features
+    (a float16 bundle's cache) are widened a few channels at a time, so a click on a pixel-dense map
+    never makes a float32 copy of all of it."""
+    weights = np.asarray(weights, dtype=np.float32)
+    axis = weights.ndim - 1
+    if features.dtype == np.float32:
+        return np.tensordot(weights, features, axes=(axis, 0))
+    channels = features.shape[0]
+    out = np.zeros(weights.shape[:-1] + features.shape[1:], np.float32)
+    for start in range(0, channels, CONTRACT_CHANNELS):
+        stop = start + CONTRACT_CHANNELS
+        out += np.tensordot(weights[..., start:stop], features[start:stop].astype(np.float32), axes=(axis, 0))
+    return out
+
+
 def similarity_map(query: np.ndarray, features: np.ndarray, feature_norms: np.ndarray | None = None) -> np.ndarray:
     """Cosine similarity of one descriptor to every cell.
 
@@ -110,7 +129,7 @@ def similarity_map(query: np.ndarray, features: np.ndarray, feature_norms: np.nd
     q = l2_normalize(np.asarray(query, dtype=np.float32).reshape(-1), axis=0)
     if feature_norms is None:
         return np.tensordot(q, l2_normalize(features, axis=0), axes=(0, 0)).astype(np.float32)
-    dots = np.tensordot(q, np.asarray(features, dtype=np.float32), axes=(0, 0))
+    dots = channel_contract(q, features)
     return (dots / np.maximum(feature_norms, 1e-12)).astype(np.float32)
 
 

@@ -23,6 +23,7 @@ import dataclasses
 
 import numpy as np
 from lift_serve.service.geometry import ImageGeometry
+from lift_serve.service.matching import channel_contract
 from lift_serve.service.render import drawing_size
 from PIL import Image
 
@@ -43,9 +44,10 @@ class PcaBasis:
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """``[C, h, w]`` -> ``[h, w, 3]`` float32 component values."""
+        # components . (x - mean) = components . x - components . mean: no centred copy of the features
         c, h, w = features.shape
-        cells = features.reshape(c, h * w).T
-        return ((cells - self.mean) @ self.components.T).reshape(h, w, COMPONENTS).astype(np.float32)
+        values = channel_contract(self.components, features.reshape(c, h * w)) - (self.components @ self.mean)[:, None]
+        return values.T.reshape(h, w, COMPONENTS).astype(np.float32)
 
     def colours(self, features: np.ndarray) -> np.ndarray:
         """``[C, h, w]`` -> ``[h, w, 3]`` uint8 RGB."""

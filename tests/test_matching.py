@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from lift_serve.service.matching import mutual_nearest_neighbors, similarity_map
 
 
@@ -33,3 +34,17 @@ def test_similarity_of_a_cell_with_itself_is_one():
     sim = similarity_map(f[:, 2, 3], f)
     assert sim.shape == (5, 7)
     assert abs(sim[2, 3] - 1) < 1e-6 and sim.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("weights_shape", [(70,), (3, 70)])
+def test_channel_contract_widens_float16_a_few_channels_at_a_time(weights_shape):
+    from lift_serve.service.matching import channel_contract
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((70, 5, 6)).astype(np.float16)
+    weights = rng.standard_normal(weights_shape).astype(np.float32)
+    expected = np.tensordot(weights, features.astype(np.float32), axes=(len(weights_shape) - 1, 0))
+    found = channel_contract(weights, features)
+    assert found.dtype == np.float32 and found.shape == expected.shape
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(channel_contract(weights, features.astype(np.float32)), expected)
