@@ -93,7 +93,7 @@ class _Item:
     enqueued: float
     is_gone: Callable[[], Awaitable[bool]] | None
     dropped: bool = False
-    batch_started: float = 0.0  # loop time its batch went to the inference thread
+    batch_started: float = 0.0  # when its batch started running in the inference thread (time.monotonic)
     batch_seconds: float = 0.0  # how long that batch ran
 
 
@@ -226,7 +226,8 @@ class MicroBatcher:
             if item.dropped:  # the worker dropped it (client gone); this task itself was not cancelled
                 raise ClientGoneError("the client disconnected before inference") from None
             raise
-        record("queue", item.batch_started - item.enqueued)
+        # loop.time() is CLOCK_MONOTONIC too (uvloop's to the millisecond): never below zero
+        record("queue", max(0.0, item.batch_started - item.enqueued))
         record("inference", item.batch_seconds)
         return result
 
@@ -293,6 +294,14 @@ class MicroBatcher:
             live.append(item)
         return live
 
+    def _run_timed(self, images: Payload, iterations: int) -> tuple[Payload, float, float]:
+        """``run_batch`` with when it started (the event loop's clock, ``time.monotonic``) and how long
+        it ran, both taken in the inference thread: time spent waiting for that thread (another
+        batcher's batch) is queueing, not inference."""
+        started = time.monotonic()
+        result = self.run_batch(images, iterations)
+        return result, started, time.monotonic() - started
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -301,17 +310,15 @@ class MicroBatcher:
             if not live:
                 continue
             images = _stack([item.image for item in live])
-            batch_started = loop.time()
-            started = time.perf_counter()
             try:
-                features = await loop.run_in_executor(self._executor, self.run_batch, images, key[2])
+                features, batch_started, seconds = await loop.run_in_executor(
+                    self._executor, self._run_timed, images, key[2])
             except Exception as exc:  # a failing batch fails its requests, never the worker
                 logger.exception("inference failed for a batch of %d", len(live))
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            seconds = time.perf_counter() - started
             self._last_batch_s = seconds
             self._last_size[key] = (len(live), seconds)
             self.batches_run += 1

@@ -102,10 +102,12 @@ class FeatureService:
     def _embed_and_upsample(self, images: np.ndarray, iterations: int) -> tuple[np.ndarray, ...]:
         """(backbone features, features at ``iterations``); just the first at density 0, so that a
         batch's rows are not copied twice."""
+        # A runtime that keeps the chain on its device (I/O binding on a GPU) says so with io_device;
+        # otherwise embed and upsample are called apart (and wrappers of them stay in the path).
         chain = getattr(self.runtime, "embed_and_upsample", None)
         if (iterations and chain is not None and getattr(self.runtime, "io_device", None) is not None
                 and len(images) <= self._rows_per_call(images, iterations)):
-            return chain(images, iterations)  # one chain on the device (I/O binding): one copy out of each
+            return chain(images, iterations)  # one chain on the device: one copy out of each answer
         coarse = self.runtime.embed(images)
         return (coarse, self._upsample_rows(images, coarse, iterations)) if iterations else (coarse,)
 

@@ -146,7 +146,7 @@ class BundleRuntime(ManifestRuntime):
     def __init__(self, bundle_dir, providers=("cuda", "cpu"), intra_op_threads=0, inter_op_threads=0,
                  graph_optimization="all", warmup=True, gpu_options: GpuOptions | None = None,
                  warmup_mode: str = "auto", io_binding: bool | None = None, spinning: bool = False):
-        ort = _import_onnxruntime()
+        ort = self._ort = _import_onnxruntime()
         self.bundle_dir = Path(bundle_dir)
         self._adopt(read_manifest(self.bundle_dir))
         m: Manifest = self.manifest
@@ -259,8 +259,10 @@ class BundleRuntime(ManifestRuntime):
         if self.io_device is None or k == 0:
             coarse = self.embed(images)
             return coarse, self.upsample(images, coarse, k)
-        images = self.check_images(images)
         graphs, device = self.manifest.upsampler.graphs, self.io_device
+        # The batch goes to the device once, for both graphs that read it.
+        device_id = self.gpu_options.cuda_device_id if device == "cuda" else 0
+        images = self._ort.OrtValue.ortvalue_from_numpy(self.check_images(images), device, device_id)
         backbone = self._bound(self._sessions["backbone"], {self.manifest.backbone.graph.inputs[0]: images}, device)
         (coarse,) = backbone.get_outputs()
         prepare = self._bound(self._sessions["upsampler_prepare"], {graphs.prepare.inputs[0]: images}, device)
